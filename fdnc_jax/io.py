@@ -1,0 +1,267 @@
+"""Reading and writing worms: npz, CSV and the original fDNC pickle (explicit opt-in).
+
+Every loader returns a validated ``Worm`` or raises ``WormFileError`` (a ``ValueError``) naming the file;
+never a partial worm. NWB is not read yet: no NWB file could be checked here, so no untested reader ships.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fdnc_jax.worm import Worm
+
+PathLike = str | os.PathLike
+
+
+class WormFileError(ValueError):
+    """A worm file is missing, unreadable or not in the expected format."""
+
+
+def _fail(path: PathLike, problem: str) -> WormFileError:
+    return WormFileError(f"{os.fspath(path)}: {problem}")
+
+
+def load_worm(path: PathLike) -> Worm:
+    """Loads a worm from ``.npz`` or ``.csv`` (by suffix).
+
+    npz keys: ``xyz_um`` [N, 3] µm, ``names`` [N] str, optional ``rgb`` [N, C], ``uncertain`` [N] bool,
+    ``mirrored`` bool, ``meta`` JSON str. CSV: a header with ``x,y,z`` (µm), optional ``name``, color
+    columns ``r,g,b[,w]`` or ``c0..cK``, optional ``uncertain`` (0/1).
+
+    Args:
+      path: the file.
+
+    Returns:
+      The validated Worm.
+
+    Example:
+      >>> worm = load_worm("template.npz")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.exists():
+        raise _fail(p, "no such file")
+    if p.is_dir():
+        raise _fail(p, "is a directory, expected a worm file (.npz or .csv)")
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return _load_npz(p)
+    if suffix == ".csv":
+        return _load_csv(p)
+    if suffix == ".data":
+        raise _fail(
+            p,
+            "looks like an original fDNC pickle; pickle files can run arbitrary code when loaded, so "
+            "they are read only through load_fdnc_pickle(path, trust=True) for files you trust",
+        )
+    if suffix == ".nwb":
+        raise _fail(p, "NWB files are not supported yet (convert to .npz or .csv)")
+    raise _fail(p, f"unknown worm file suffix {suffix!r}; expected .npz or .csv")
+
+
+def save_worm(worm: Worm, path: PathLike) -> None:
+    """Saves a worm to ``.npz`` or ``.csv`` atomically (written to a temporary file, then renamed)."""
+    if not isinstance(worm, Worm):
+        raise TypeError(f"worm must be a Worm, got {type(worm).__name__}")
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".npz", ".csv"):
+        raise _fail(p, f"cannot save to suffix {suffix!r}; use .npz or .csv")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=suffix)
+    try:
+        if suffix == ".npz":
+            with os.fdopen(fd, "wb") as f:
+                _write_npz(worm, f)
+        else:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                _write_csv(worm, f)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _worm_from_fields(path: PathLike, **fields: Any) -> Worm:
+    try:
+        return Worm(**fields)
+    except (ValueError, TypeError) as e:
+        raise _fail(path, str(e)) from e
+
+
+def _load_npz(p: Path) -> Worm:
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise _fail(p, f"not a readable npz file ({e})") from e
+    if "xyz_um" not in arrays:
+        raise _fail(p, f"missing array 'xyz_um' (found {sorted(arrays)})")
+    meta: dict[str, Any] = {}
+    if "meta" in arrays:
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except json.JSONDecodeError as e:
+            raise _fail(p, f"'meta' is not valid JSON ({e})") from e
+        if not isinstance(meta, dict):
+            meta = {"meta": meta}
+    meta.setdefault("file", os.fspath(p))
+    uncertain = arrays.get("uncertain")
+    if uncertain is not None:
+        meta["uncertain"] = np.asarray(uncertain, bool).tolist()
+    return _worm_from_fields(
+        p,
+        xyz_um=arrays["xyz_um"],
+        names=arrays.get("names"),
+        color=arrays.get("rgb"),
+        mirrored=bool(arrays.get("mirrored", False)),
+        meta=meta,
+    )
+
+
+def _write_npz(worm: Worm, f) -> None:
+    arrays: dict[str, Any] = {"xyz_um": worm.xyz_um, "names": worm.names}
+    if worm.color is not None:
+        arrays["rgb"] = worm.color
+    meta = dict(worm.meta)
+    if "uncertain" in meta:
+        arrays["uncertain"] = np.asarray(meta.pop("uncertain"), bool)
+    arrays["mirrored"] = np.asarray(worm.mirrored)
+    arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True, default=str))
+    np.savez_compressed(f, **arrays)
+
+
+_RGB = ("r", "g", "b", "w")
+
+
+def _color_columns(header: list[str]) -> list[str]:
+    cs = sorted((h for h in header if h[:1] == "c" and h[1:].isdigit()), key=lambda h: int(h[1:]))
+    if cs:
+        if [int(h[1:]) for h in cs] != list(range(len(cs))):
+            raise ValueError(f"color columns must be c0..cK without gaps, got {cs}")
+        return cs
+    rgb = [h for h in _RGB if h in header]
+    if rgb and rgb[:3] != ["r", "g", "b"]:
+        raise ValueError(f"color columns must include r, g and b, got {rgb}")
+    return rgb
+
+
+def _load_csv(p: Path) -> Worm:
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(p, f"not a readable text file ({e})") from e
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise _fail(p, "empty file; expected a header line with x,y,z")
+    header = [h.strip().lower() for h in rows[0]]
+    missing = [c for c in ("x", "y", "z") if c not in header]
+    if missing:
+        raise _fail(p, f"line 1: header {rows[0]} lacks column(s) {missing} (x, y, z in µm)")
+    try:
+        ccols = _color_columns(header)
+    except ValueError as e:
+        raise _fail(p, f"line 1: {e}") from e
+    col = {h: i for i, h in enumerate(header)}
+    xyz, names, color, uncertain = [], [], [], []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise _fail(p, f"line {lineno}: {len(row)} fields, header has {len(header)}")
+        try:
+            xyz.append([float(row[col[c]]) for c in ("x", "y", "z")])
+            color.append([float(row[col[c]]) for c in ccols])
+        except ValueError as e:
+            raise _fail(p, f"line {lineno}: not a number ({e})") from e
+        names.append(row[col["name"]].strip() if "name" in col else "")
+        if "uncertain" in col:
+            uncertain.append(row[col["uncertain"]].strip().lower() in ("1", "true", "yes"))
+    if not xyz:
+        raise _fail(p, "no data rows after the header")
+    arr = np.asarray(xyz, np.float64)
+    bad = np.flatnonzero(~np.all(np.isfinite(arr), axis=1))
+    if bad.size:
+        raise _fail(p, f"line {int(bad[0]) + 2}: non-finite coordinate")
+    meta: dict[str, Any] = {"file": os.fspath(p)}
+    if uncertain:
+        meta["uncertain"] = uncertain
+    return _worm_from_fields(
+        p,
+        xyz_um=arr,
+        names=names,
+        color=np.asarray(color, np.float32) if ccols else None,
+        meta=meta,
+    )
+
+
+def _write_csv(worm: Worm, f) -> None:
+    ccols: list[str] = []
+    if worm.color is not None:
+        c = worm.color.shape[1]
+        ccols = list(_RGB[:c]) if 3 <= c <= 4 else [f"c{i}" for i in range(c)]
+    uncertain = worm.meta.get("uncertain")
+    w = csv.writer(f)
+    w.writerow(["x", "y", "z", "name", *ccols] + (["uncertain"] if uncertain is not None else []))
+    for i in range(worm.n):
+        row = [repr(float(v)) for v in worm.xyz_um[i]] + [worm.names[i]]
+        if worm.color is not None:
+            row += [repr(float(v)) for v in worm.color[i]]
+        if uncertain is not None:
+            row.append(str(int(bool(uncertain[i]))))
+        w.writerow(row)
+
+
+def load_fdnc_pickle(path: PathLike, trust: bool = False) -> Worm:
+    """Loads a worm from the original fDNC pickle (``.data``: keys pts µm, name, fluo, mask_keep, side).
+
+    Applies ``mask_keep`` (the neurons the original kept) and ``side`` (side == 0 → mirrored), as the
+    original did.
+
+    Args:
+      path: the ``.data`` file.
+      trust: must be True: unpickling runs code from the file, so only load files you trust.
+
+    Returns:
+      The Worm of the kept neurons, color from ``fluo``.
+    """
+    p = Path(path)
+    if not trust:
+        raise _fail(
+            p,
+            "refusing to unpickle: pickle files can execute arbitrary code when loaded. If you trust "
+            "this file, call load_fdnc_pickle(path, trust=True)",
+        )
+    if not p.is_file():
+        raise _fail(p, "no such file")
+    try:
+        with open(p, "rb") as f:
+            d = pickle.load(f)  # noqa: S301 - explicit opt-in above.
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file.
+        raise _fail(p, f"not a readable fDNC pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(d, dict) or "pts" not in d:
+        raise _fail(p, "not an fDNC worm pickle: expected a dict with key 'pts'")
+    pts = np.asarray(d["pts"], np.float64)
+    n = len(pts)
+    keep = np.asarray(d.get("mask_keep", np.arange(n)), np.int64)
+    if keep.size and (keep.min() < 0 or keep.max() >= n):
+        raise _fail(p, f"mask_keep indexes outside the {n} points")
+    names = d.get("name")
+    fluo = d.get("fluo")
+    return _worm_from_fields(
+        p,
+        xyz_um=pts[keep],
+        names=None if names is None else np.asarray(names, dtype=object)[keep],
+        color=None if fluo is None else np.asarray(fluo, np.float32)[keep],
+        mirrored=int(d.get("side", 1)) == 0,
+        meta={"file": os.fspath(p), "format": "fdnc_pickle", "mask_keep_applied": True},
+    )

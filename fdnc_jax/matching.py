@@ -1,0 +1,468 @@
+"""From network log-probabilities to a one-to-one neuron matching (fDNC "Inference").
+
+The network gives, for one (template, test) pair, ``log_probs`` [M, N+1]: row i is test
+neuron i, columns 0..N-1 are the template neurons and column N is the "outlier" column; each
+row is already log-softmaxed over the N+1 columns (padded template columns hold ``-inf`` or a
+very negative number). Inference, following the reference code of Yu et al. (eLife 2021):
+
+1. ``L = log_probs[:, :N]`` (the outlier column is dropped);
+2. optionally ``L + color_weight * C`` with ``C`` the negative KL divergence between the
+   normalised colors of test neuron i and template neuron j (:func:`color_log_likelihood`);
+3. a one-to-one assignment maximising the summed score (Hungarian algorithm);
+4. the probability of a pair is the softmax of the row of scores; the top-k candidates are
+   reported by decreasing probability; ``exp(log_probs[:, N])`` is the outlier probability.
+
+:func:`match` runs on the host (``scipy.optimize.linear_sum_assignment``) for one pair;
+:func:`hungarian_assignment_batch` / :func:`hungarian_accuracy_batch` run a batch on the device
+with ``optax.assignment.hungarian_algorithm`` (jit + vmap) for evaluation during training.
+
+Letters used in shapes: B batch, M test neurons, N template neurons, K top-k candidates,
+C color channels. Template index ``-1`` means "no label" everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpy.typing import ArrayLike
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "Matching",
+    "color_log_likelihood",
+    "hungarian_accuracy_batch",
+    "hungarian_assignment_batch",
+    "match",
+    "match_scores",
+    "normalize_color",
+]
+
+DEFAULT_COLOR_WEIGHT = 60.0
+COLOR_FLOOR = 1e-5
+NO_LABEL = -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers.
+
+
+def _float_array(x: ArrayLike, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x)
+    except Exception as err:  # e.g. a jax tracer
+        raise ValueError(f"{name} must be a concrete array, got {type(x).__name__}") from err
+    if arr.dtype == bool or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_color(color: ArrayLike, name: str, rank: int | None = None) -> np.ndarray:
+    arr = _float_array(color, name).astype(np.float64)
+    if arr.ndim < 1 or (rank is not None and arr.ndim != rank):
+        want = f"rank {rank}" if rank is not None else "at least rank 1"
+        raise ValueError(f"{name} must have {want} [.., C], got shape {arr.shape}")
+    if arr.shape[-1] < 3:
+        raise ValueError(f"{name} must have at least 3 color channels, got {arr.shape[-1]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite (no NaN/inf)")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} must be non-negative (negative color intensity found)")
+    return arr
+
+
+def _check_mask(mask: ArrayLike | None, size: int, name: str) -> np.ndarray:
+    if mask is None:
+        return np.ones(size, dtype=bool)
+    arr = np.asarray(mask)
+    if arr.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},), got {arr.shape}")
+    if arr.dtype != bool:
+        if not np.issubdtype(arr.dtype, np.number) or not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(f"{name} must be boolean (or 0/1), got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def _check_log_probs(log_probs: ArrayLike) -> np.ndarray:
+    lp = _float_array(log_probs, "log_probs")
+    if lp.ndim != 2:
+        raise ValueError(f"log_probs must have rank 2 [M, N+1], got shape {lp.shape}")
+    if lp.shape[1] < 2:
+        raise ValueError(
+            f"log_probs needs at least 2 columns (>= 1 template neuron + outlier), got {lp.shape}"
+        )
+    if np.any(np.isnan(lp)):
+        raise ValueError("log_probs contains NaN")
+    return lp
+
+
+# ----------------------------------------------------------------------------------------------
+# Color term.
+
+
+def _normalize(color: np.ndarray) -> np.ndarray:
+    rgb = color[..., :3]
+    total = rgb.sum(axis=-1, keepdims=True)
+    safe = np.where(total > 0, total, 1.0)
+    norm = np.where(total > 0, rgb / safe, 1.0 / 3.0)
+    return np.clip(norm, COLOR_FLOOR, None)
+
+
+def normalize_color(color: ArrayLike) -> np.ndarray:
+    """Normalises neuron colors per neuron over their first three channels.
+
+    Each neuron's first three channels are divided by their sum and clipped to ``>= 1e-5``
+    (as in the reference ``match_color_norm``). A neuron whose three channels are all zero
+    gets the uniform color ``1/3`` instead of NaN.
+
+    Args:
+      color: [..., C] non-negative color intensities, C >= 3 (channels past the third are
+        ignored).
+
+    Returns:
+      [..., 3] float64 normalised colors.
+
+    Raises:
+      ValueError: fewer than 3 channels, negative or non-finite values.
+    """
+    return _normalize(_check_color(color, "color"))
+
+
+def color_log_likelihood(template_color: ArrayLike, test_color: ArrayLike) -> np.ndarray:
+    """Color similarity ``C[i, j] = -KL(y_i || x_j)`` between test and template neurons.
+
+    With ``x = normalize_color(template_color)`` and ``y = normalize_color(test_color)``::
+
+        C[i, j] = sum_c y[i, c] log x[j, c] - sum_c y[i, c] log y[i, c]
+
+    so ``C <= 0`` with equality iff the normalised colors coincide.
+
+    Args:
+      template_color: [N, C] template neuron colors (C >= 3, non-negative).
+      test_color: [M, C] test neuron colors (same C).
+
+    Returns:
+      [M, N] float64 color log-likelihood.
+
+    Raises:
+      ValueError: wrong rank, fewer than 3 channels, channel-count mismatch, negative or
+        non-finite values.
+    """
+    x_raw = _check_color(template_color, "template_color", rank=2)
+    y_raw = _check_color(test_color, "test_color", rank=2)
+    if x_raw.shape[-1] != y_raw.shape[-1]:
+        raise ValueError(
+            f"template_color and test_color must have the same number of channels, got "
+            f"template_color C={x_raw.shape[-1]} and test_color C={y_raw.shape[-1]}"
+        )
+    x = _normalize(x_raw)
+    y = _normalize(y_raw)
+    log_x = np.log(x)
+    entropy_term = np.sum(y * np.log(y), axis=-1)  # [M]
+    return y @ log_x.T - entropy_term[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host matching.
+
+
+def match_scores(
+    log_probs: ArrayLike,
+    template_mask: ArrayLike | None = None,
+    test_mask: ArrayLike | None = None,
+    template_color: ArrayLike | None = None,
+    test_color: ArrayLike | None = None,
+    color_weight: float = DEFAULT_COLOR_WEIGHT,
+) -> np.ndarray:
+    """Scores for the assignment: ``log_probs[:, :N] (+ color_weight * C)``.
+
+    Args:
+      log_probs: [M, N+1] row-wise log-softmax output of the network (last column = outlier).
+      template_mask: optional [N] bool, valid template neurons (default all valid).
+      test_mask: optional [M] bool, valid test neurons (default all valid).
+      template_color: optional [N, C] template colors; give both colors or neither.
+      test_color: optional [M, C] test colors.
+      color_weight: weight of the color term (default 60, the reference value); >= 0.
+
+    Returns:
+      [M, N] scores (dtype of ``log_probs`` promoted to at least float32); columns of invalid
+      template neurons and rows of invalid test neurons are ``-inf``.
+
+    Raises:
+      ValueError: see :func:`color_log_likelihood`; also NaN/rank problems in ``log_probs``,
+        mask shapes, only one of the two colors given, color rows not matching M/N, or a
+        negative / non-finite ``color_weight``.
+    """
+    lp = _check_log_probs(log_probs)
+    m, n = lp.shape[0], lp.shape[1] - 1
+    t_mask = _check_mask(template_mask, n, "template_mask")
+    q_mask = _check_mask(test_mask, m, "test_mask")
+    out_dtype = np.result_type(lp.dtype, np.float32)
+    scores = lp[:, :n].astype(np.float64)
+
+    if (template_color is None) != (test_color is None):
+        missing = "template_color" if template_color is None else "test_color"
+        raise ValueError(f"{missing} is missing: give both template_color and test_color or none")
+    if template_color is not None:
+        if not np.isfinite(color_weight) or color_weight < 0:
+            raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
+        t_col = _check_color(template_color, "template_color", rank=2)
+        q_col = _check_color(test_color, "test_color", rank=2)
+        if t_col.shape[0] != n:
+            raise ValueError(f"template_color must have N={n} rows, got shape {t_col.shape}")
+        if q_col.shape[0] != m:
+            raise ValueError(f"test_color must have M={m} rows, got shape {q_col.shape}")
+        if color_weight != 0:
+            scores = scores + color_weight * color_log_likelihood(t_col, q_col)
+
+    scores = np.where(t_mask[None, :] & q_mask[:, None], scores, -np.inf)
+    return scores.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Matching:
+    """One-to-one matching of test neurons to template neurons (host numpy arrays).
+
+    Attributes:
+      assignment: [M] int64, template index of each test neuron, ``-1`` = no label (padded test
+        neuron, left over when M > valid N, or below ``min_probability``).
+      probability: [M] float64, softmax probability of the assigned pair; 0 where
+        ``assignment == -1`` (the proposed pair's probability is still in the candidates).
+      candidates: [M, K] int64, top-k template indices by decreasing probability; ``-1`` for
+        padded test neurons.
+      candidate_probs: [M, K] float64, their probabilities (0 for padded test neurons).
+      outlier_probability: [M] float64, ``exp(log_probs[:, N])``; 0 for padded test neurons.
+    """
+
+    assignment: np.ndarray
+    probability: np.ndarray
+    candidates: np.ndarray
+    candidate_probs: np.ndarray
+    outlier_probability: np.ndarray
+
+    @property
+    def num_assigned(self) -> int:
+        """Number of test neurons with a label (``assignment >= 0``)."""
+        return int(np.sum(self.assignment >= 0))
+
+
+def _row_softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over each row; rows without a finite entry give all zeros."""
+    row_max = np.max(scores, axis=1, keepdims=True, initial=-np.inf)
+    finite_row = np.isfinite(row_max)
+    shifted = np.where(np.isfinite(scores), scores - np.where(finite_row, row_max, 0.0), -np.inf)
+    e = np.exp(shifted)
+    total = e.sum(axis=1, keepdims=True)
+    return np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _host_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``linear_sum_assignment`` on a cost with possible ``+inf`` (forbidden) entries.
+
+    Forbidden entries get a finite cost so large that they are used only when the
+    maximum-cardinality assignment cannot avoid them.
+    """
+    finite = np.isfinite(cost)
+    if not np.all(finite):
+        if np.any(finite):
+            hi, lo = cost[finite].max(), cost[finite].min()
+        else:
+            hi = lo = 0.0
+        big = hi + 1.0 + (hi - lo + 1.0) * (min(cost.shape) + 1)
+        cost = np.where(finite, cost, big)
+    return linear_sum_assignment(cost)
+
+
+def match(
+    log_probs: ArrayLike,
+    *,
+    template_mask: ArrayLike | None = None,
+    test_mask: ArrayLike | None = None,
+    template_color: ArrayLike | None = None,
+    test_color: ArrayLike | None = None,
+    color_weight: float = DEFAULT_COLOR_WEIGHT,
+    top_k: int = 5,
+    min_probability: float = 0.0,
+) -> Matching:
+    """Matches the test neurons of one pair to template neurons (host, scipy Hungarian).
+
+    Template neurons whose ``log_probs`` column is ``-inf`` for every valid test neuron are
+    treated as padding too (in addition to ``template_mask``). Pairs with a ``-inf`` score are
+    never reported as an assignment.
+
+    Args:
+      log_probs: [M, N+1] row-wise log-softmax network output (last column = outlier).
+      template_mask: optional [N] bool, valid template neurons.
+      test_mask: optional [M] bool, valid test neurons; invalid ones get ``-1`` / probability 0.
+      template_color: optional [N, C] template colors (C >= 3); needs ``test_color``.
+      test_color: optional [M, C] test colors.
+      color_weight: weight of the color log-likelihood (default 60).
+      top_k: K, number of candidates per test neuron, 1 <= K <= number of valid template
+        neurons.
+      min_probability: assignments with probability below this become ``-1``; in [0, 1].
+
+    Returns:
+      The :class:`Matching`.
+
+    Raises:
+      ValueError: invalid arguments (the message names the argument).
+    """
+    scores = match_scores(
+        log_probs,
+        template_mask=template_mask,
+        test_mask=test_mask,
+        template_color=template_color,
+        test_color=test_color,
+        color_weight=color_weight,
+    ).astype(np.float64)
+    lp = np.asarray(log_probs)
+    m, n = scores.shape
+    q_valid = _check_mask(test_mask, m, "test_mask")
+    t_valid = np.isfinite(scores[q_valid]).any(axis=0) if q_valid.any() else _check_mask(
+        template_mask, n, "template_mask"
+    )
+    n_valid = int(t_valid.sum())
+
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
+        raise ValueError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k <= 0 or top_k > n_valid:
+        raise ValueError(
+            f"top_k must be in [1, number of valid template neurons = {n_valid}], got {top_k}"
+        )
+    if not (0.0 <= float(min_probability) <= 1.0):  # also rejects NaN
+        raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
+
+    rows = np.flatnonzero(q_valid)
+    cols = np.flatnonzero(t_valid)
+    assignment = np.full(m, NO_LABEL, dtype=np.int64)
+    if rows.size and cols.size:
+        r, c = _host_assignment(-scores[np.ix_(rows, cols)])
+        assignment[rows[r]] = cols[c]
+
+    probs = _row_softmax(scores)  # [M, N]; invalid columns / rows -> 0
+    idx = np.arange(m)
+    has = assignment >= 0
+    pair_score = np.where(has, scores[idx, np.maximum(assignment, 0)], -np.inf)
+    probability = np.where(has, probs[idx, np.maximum(assignment, 0)], 0.0)
+    drop = has & (~np.isfinite(pair_score) | (probability < min_probability))
+    assignment = np.where(drop, NO_LABEL, assignment)
+    probability = np.where(drop, 0.0, probability)
+
+    # Sort by score (same order as probability, but ties at probability 0 stay among valid
+    # template neurons); invalid columns are NaN and therefore sorted last.
+    key = np.where(t_valid[None, :], -scores, np.nan)
+    order = np.argsort(key, axis=1, kind="stable")[:, :top_k]
+    candidates = np.where(q_valid[:, None], order, NO_LABEL).astype(np.int64)
+    candidate_probs = np.where(q_valid[:, None], np.take_along_axis(probs, order, axis=1), 0.0)
+
+    outlier = np.where(q_valid, np.exp(lp[:, n].astype(np.float64)), 0.0)
+    return Matching(
+        assignment=assignment,
+        probability=probability,
+        candidates=candidates,
+        candidate_probs=candidate_probs,
+        outlier_probability=outlier,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Device (batched) Hungarian.
+
+
+def _assign_one(scores: jax.Array, valid: jax.Array) -> jax.Array:
+    """Maximum-score one-to-one assignment of one padded [M, N] score matrix.
+
+    Cells that are non-finite or in an invalid row are "padding": they all get the same cost
+    ``P`` strictly above every real cost. Because padded rows / columns are then constant, an
+    optimal assignment of the padded matrix restricted to real cells is a maximum-cardinality
+    minimum-cost assignment of the real block (exchange argument: moving a real row from a
+    padding cell to an unused real column saves at least ``P - max real cost > 0``), so no
+    huge constant (and no float32 precision loss) is needed.
+    """
+    m, n = scores.shape
+    if m == 0 or n == 0:
+        return jnp.full((m,), NO_LABEL, jnp.int32)
+    real = jnp.isfinite(scores) & valid[:, None]
+    cost = jnp.where(real, -scores, 0.0)
+    hi = jnp.max(jnp.where(real, cost, -jnp.inf))
+    pad = jnp.where(jnp.isfinite(hi), hi + 1.0 + 1e-3 * jnp.abs(hi), 0.0)
+    cost = jnp.where(real, cost, pad)
+    row_idx, col_idx = optax.assignment.hungarian_algorithm(cost)
+    assign = jnp.full((m,), NO_LABEL, jnp.int32).at[row_idx].set(col_idx.astype(jnp.int32))
+    ok = (assign >= 0) & real[jnp.arange(m), jnp.maximum(assign, 0)]
+    return jnp.where(ok, assign, NO_LABEL)
+
+
+_assign_batch = jax.jit(jax.vmap(_assign_one))
+
+
+def _check_batch(scores: ArrayLike, valid: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    scores = jnp.asarray(scores)
+    valid = jnp.asarray(valid)
+    if scores.ndim != 3:
+        raise ValueError(f"scores must have rank 3 [B, M, N], got shape {scores.shape}")
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        scores = scores.astype(jnp.float32)
+    if valid.shape != scores.shape[:2]:
+        raise ValueError(f"valid must have shape {scores.shape[:2]} [B, M], got {valid.shape}")
+    return scores, valid.astype(bool)
+
+
+def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array:
+    """Batched one-to-one assignment on the device (``optax`` Hungarian, jit + vmap).
+
+    Args:
+      scores: [B, M, N] scores to maximise (e.g. stacked :func:`match_scores`); non-finite
+        entries (``-inf`` padded template columns) are padding.
+      valid: [B, M] bool, valid test neurons.
+
+    Returns:
+      [B, M] int32 template index per test neuron, ``-1`` for invalid rows, rows left over
+      (more valid rows than valid columns) and rows that could only take a padding cell.
+      On the real block this is the same assignment as ``scipy.optimize.linear_sum_assignment``
+      up to ties (a ``-inf`` entry inside an otherwise valid column is treated as a padding
+      cell, i.e. avoided as a strongly disfavoured pair rather than strictly forbidden).
+
+    Raises:
+      ValueError: wrong ranks or shapes.
+    """
+    scores, valid = _check_batch(scores, valid)
+    return _assign_batch(scores, valid)
+
+
+def hungarian_accuracy_batch(scores: ArrayLike, targets: ArrayLike, valid: ArrayLike) -> jax.Array:
+    """Matching accuracy of the batched device Hungarian assignment.
+
+    Args:
+      scores: [B, M, N] scores to maximise; non-finite entries are padding.
+      targets: [B, M] int, true template index per test neuron; ``< 0`` = not counted
+        (unlabelled, outlier, padding).
+      valid: [B, M] bool, valid test neurons (invalid ones are never counted).
+
+    Returns:
+      [B] float32 accuracy = correct / counted per pair, where counted = valid & targets >= 0;
+      ``NaN`` for a pair with nothing counted (use ``jnp.nanmean`` to average).
+
+    Raises:
+      ValueError: wrong ranks or shapes.
+    """
+    scores, valid = _check_batch(scores, valid)
+    targets = jnp.asarray(targets)
+    if targets.shape != scores.shape[:2]:
+        raise ValueError(
+            f"targets must have shape {scores.shape[:2]} [B, M], got {targets.shape}"
+        )
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
+    assign = _assign_batch(scores, valid)
+    counted = valid & (targets >= 0)
+    correct = counted & (assign == targets)
+    n_counted = counted.sum(axis=1)
+    acc = correct.sum(axis=1) / jnp.maximum(n_counted, 1)
+    return jnp.where(n_counted > 0, acc, jnp.nan).astype(jnp.float32)
