@@ -12,8 +12,9 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -75,15 +76,26 @@ def save_worm(worm: Worm, path: PathLike) -> None:
     suffix = p.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise _fail(p, f"cannot save to suffix {suffix!r}; use .npz or .csv")
+    if suffix == ".npz":
+        atomic_write(p, lambda f: _write_npz(worm, f), binary=True)
+    else:
+        atomic_write(p, lambda f: _write_csv(worm, f), binary=False)
+
+
+def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> None:
+    """Writes a file through ``write(f)`` into a temporary sibling, then renames it into place.
+
+    A crash mid-write leaves the previous file (if any) untouched and no partial file behind.
+    """
+    p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
-        if suffix == ".npz":
-            with os.fdopen(fd, "wb") as f:
-                _write_npz(worm, f)
-        else:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                _write_csv(worm, f)
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

@@ -324,8 +324,10 @@ def match(
     lp = np.asarray(log_probs)
     m, n = scores.shape
     q_valid = _check_mask(test_mask, m, "test_mask")
-    t_valid = np.isfinite(scores[q_valid]).any(axis=0) if q_valid.any() else _check_mask(
-        template_mask, n, "template_mask"
+    t_valid = (
+        np.isfinite(scores[q_valid]).any(axis=0)
+        if q_valid.any()
+        else _check_mask(template_mask, n, "template_mask")
     )
     n_valid = int(t_valid.sum())
 
@@ -455,9 +457,7 @@ def hungarian_accuracy_batch(scores: ArrayLike, targets: ArrayLike, valid: Array
     scores, valid = _check_batch(scores, valid)
     targets = jnp.asarray(targets)
     if targets.shape != scores.shape[:2]:
-        raise ValueError(
-            f"targets must have shape {scores.shape[:2]} [B, M], got {targets.shape}"
-        )
+        raise ValueError(f"targets must have shape {scores.shape[:2]} [B, M], got {targets.shape}")
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
     assign = _assign_batch(scores, valid)

@@ -95,6 +95,7 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path, worm):
     save_worm(worm, tmp_path / "w.npz")
     save_worm(worm, tmp_path / "w.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]
+    assert (tmp_path / "w.npz").stat().st_mode & 0o044  # readable by others, not 0600
     with pytest.raises(TypeError, match="worm must be a Worm"):
         save_worm(np.zeros((3, 3)), tmp_path / "z.npz")
 

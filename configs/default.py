@@ -1,0 +1,54 @@
+"""The paper's model (6 layers, D 128, 8 heads, FF 2048) and schedule; sized for an accelerator.
+
+Command (GPU):
+  fdnc-train --config=configs/default.py --workdir=runs/default \
+      --config.data.sources='$FDNC_SHARED/data/wormnd/*.npz'
+
+Simulator knobs and their calibration against real animals are documented field by field in
+fdnc_jax/sim/config.py (SimConfig); this config lists every one with its default value.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from fdnc_jax.sim.config import SimConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Root PRNG seed: model init, simulated batches (fold_in(step)), validation set.
+
+    config.model = ml_collections.ConfigDict()
+    config.model.width = 128  # D (d_model).
+    config.model.layers = 6  # Transformer encoder layers.
+    config.model.heads = 8  # Attention heads.
+    config.model.ff_width = 2048  # Feed-forward width.
+    config.model.dropout = 0.1  # Dropout in attention and feed-forward blocks.
+    config.model.color_features = 0  # >0: normalised NeuroPAL color (first 3 channels) as input.
+
+    # Every simulator field (see SimConfig for meaning, units and the calibration on real worms).
+    config.sim = ml_collections.ConfigDict(dataclasses.asdict(SimConfig()))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.sources = "$FDNC_SHARED/data/wormnd/*.npz"  # "bundled", folder(s) or glob(s).
+    config.data.val_lab = "NP"  # Hold out this whole lab for validation ("" → val_fraction).
+    config.data.val_fraction = 0.15  # Fraction of sources held out when val_lab is "".
+    config.data.split_seed = 0  # Seed of the val_fraction split.
+    config.data.num_points = 0  # Slots per source worm (0: max N rounded up to 16).
+    config.data.val_pairs = 1024  # Size of the fixed held-out semi-synthetic validation set.
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 20_000  # Optimizer steps.
+    config.train.batch_size = 64  # Pairs per step (paper: 64).
+    config.train.learning_rate = 2e-4  # Adam learning rate (paper).
+    config.train.clip_norm = 1.0  # Global gradient-norm clip (paper).
+    config.train.optimizer = "adam"  # "adam" or "adamw".
+    config.train.log_every = 50  # Steps between training-metric logs.
+    config.train.eval_every = 500  # Steps between validations (paper: 500).
+    config.train.checkpoint_every = 500  # Steps between "latest" checkpoints.
+    config.train.plateau_patience = 5  # Validations without improvement before lr decay (paper).
+    config.train.plateau_factor = 0.5  # Learning-rate factor on plateau; best weights restored.
+    config.train.max_plateau_trials = 10  # Stop after this many decays (paper).
+    config.train.progress_bar = True  # tqdm progress bar.
+    return config

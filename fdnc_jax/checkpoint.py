@@ -1,0 +1,231 @@
+"""Checkpoints (the only module that touches orbax) and packaged weights.
+
+A training workdir holds ``checkpoints/latest`` (periodic saves, for resuming) and ``checkpoints/best``
+(the best validation accuracy), each an orbax ``CheckpointManager`` whose steps hold the whole
+``TrainState`` and a JSON ``meta`` item (the run's config, counters of the plateau schedule, metrics).
+Orbax writes each step to a temporary folder and renames it when complete, so a killed run never
+leaves a half-written checkpoint behind.
+
+Weights shipped inside the package are compressed ``.npz`` files (float32 parameters keyed by their path
+plus the model config as JSON), loaded by ``load_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from fdnc_jax.io import atomic_write
+from fdnc_jax.model.fdnc import Model, ModelConfig
+
+PathLike = str | os.PathLike
+LATEST = "latest"
+BEST = "best"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt or does not fit the model it is loaded into."""
+
+
+class CheckpointStore:
+    """The two checkpoint managers of a training workdir."""
+
+    def __init__(self, workdir: PathLike, keep: int = 2):
+        root = Path(workdir).absolute() / "checkpoints"
+        self.root = root
+        self._managers = {
+            LATEST: ocp.CheckpointManager(
+                root / LATEST, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            ),
+            BEST: ocp.CheckpointManager(
+                root / BEST, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+            ),
+        }
+
+    def latest_step(self, which: str = LATEST) -> int | None:
+        return self._managers[which].latest_step()
+
+    def save(self, which: str, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        """Saves ``state`` (a pytree) and ``meta`` (JSON-able) at ``step``; blocks until written."""
+        mngr = self._managers[which]
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+
+    def restore(self, which: str, abstract_state: Any, step: int | None = None):
+        """Restores (state, meta) from ``which`` at ``step`` (default latest); None when empty."""
+        mngr = self._managers[which]
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        path = self.root / which / str(step)
+        try:
+            out = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; all mean "cannot restore".
+            raise CheckpointError(
+                f"{path}: cannot restore the checkpoint ({type(e).__name__}: {str(e)[:500]}); "
+                "it is corrupt or was written by a different model/optimizer configuration"
+            ) from e
+        return out.state, dict(out.meta)
+
+    def read_meta(self, which: str, step: int | None = None) -> dict[str, Any] | None:
+        mngr = self._managers[which]
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        path = self.root / which / str(step) / "meta" / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from e
+
+    def close(self) -> None:
+        for m in self._managers.values():
+            m.close()
+
+
+def abstract_of(tree: Any) -> Any:
+    """Shape/dtype structs of a pytree, the target orbax restores into."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _checkpoint_root(path: Path) -> Path:
+    if (path / "checkpoints").is_dir():
+        return path
+    if path.name == "checkpoints" and path.is_dir():
+        return path.parent
+    if path.parent.name == "checkpoints" and path.name in (LATEST, BEST):
+        return path.parent.parent
+    raise CheckpointError(
+        f"{path}: no checkpoints found (expected a training workdir containing checkpoints/)"
+    )
+
+
+def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
+    """Loads a trained model from a training workdir (``fdnc-train --workdir``).
+
+    Args:
+      path: the workdir (or its ``checkpoints`` folder).
+      which: "best" (highest validation accuracy, default) or "latest"; falls back to the other when
+        the requested one is empty.
+
+    Returns:
+      A ``Model`` that ``fdnc_jax.predict`` accepts.
+
+    Example:
+      >>> model = load_checkpoint("runs/small")  # doctest: +SKIP
+    """
+    from fdnc_jax.train.step import init_state, make_optimizer  # Local: train imports the simulator.
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint directory")
+    if which not in (BEST, LATEST):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    store = CheckpointStore(_checkpoint_root(p))
+    try:
+        order = [which, LATEST if which == BEST else BEST]
+        chosen = next((w for w in order if store.latest_step(w) is not None), None)
+        if chosen is None:
+            raise CheckpointError(f"{store.root}: contains no saved step")
+        meta = store.read_meta(chosen)
+        config = meta.get("config") if meta else None
+        if not config or "model" not in config:
+            raise CheckpointError(f"{store.root / chosen}: checkpoint metadata lacks the config")
+        model_cfg = ModelConfig.from_dict(config["model"])
+        model = Model.create(model_cfg)
+        train = config.get("train", {})
+        tx = make_optimizer(
+            train.get("learning_rate", 2e-4), train.get("clip_norm", 1.0), train.get("optimizer", "adam")
+        )
+        state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
+    finally:
+        store.close()
+    info = {
+        "source": os.fspath(store.root / chosen),
+        "step": int(state.step),
+        **{k: meta[k] for k in ("best_accuracy", "val_accuracy") if k in meta},
+    }
+    return model.replace_params(state.params, info)
+
+
+def save_weights(model: Model, path: PathLike) -> None:
+    """Saves a model's parameters + config as a compressed ``.npz`` (atomic write)."""
+    flat = nnx.to_flat_state(model.params)
+    arrays = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
+    arrays["__config__"] = np.asarray(json.dumps(dataclasses.asdict(model.config)))
+    arrays["__info__"] = np.asarray(json.dumps(dict(model.info), default=str))
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def load_weights(path: PathLike) -> Model:
+    """Loads a model saved by ``save_weights``; shape/name mismatches raise CheckpointError."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+        config = ModelConfig.from_dict(json.loads(str(arrays.pop("__config__"))))
+        info = json.loads(str(arrays.pop("__info__", "{}")))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{p}: not a readable fdnc_jax weights file ({e})") from e
+    model = Model.create(config, info=info)
+    flat = nnx.to_flat_state(model.params)
+    expected = {"/".join(map(str, k)): v for k, v in flat}
+    if set(expected) != set(arrays):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise CheckpointError(f"{p}: parameters do not fit {config}: missing {missing[:5]}, extra {extra[:5]}")
+    for name, var in expected.items():
+        if var.get_value().shape != arrays[name].shape:
+            raise CheckpointError(
+                f"{p}: parameter {name} has shape {arrays[name].shape}, the config expects "
+                f"{var.get_value().shape}"
+            )
+        var.set_value(jax.numpy.asarray(arrays[name], var.get_value().dtype))
+    params = nnx.from_flat_state(flat)
+    return model.replace_params(params, {**info, "source": os.fspath(p)})
+
+
+def load_pretrained(name: str = "default") -> Model:
+    """The weights shipped inside the package.
+
+    ``"default"`` is currently the ``configs/small.py`` model trained on this project's CPU machine
+    (see ``fdnc_jax/data/MODEL_CARD.md`` for data, steps and accuracies), not yet the paper-size
+    model trained on an accelerator.
+
+    Args:
+      name: the weights' name (a file ``fdnc_jax/data/<name>.npz``; "default" → ``fdnc_small``).
+
+    Returns:
+      A Model for ``fdnc_jax.predict``.
+    """
+    aliases = {"default": "fdnc_small"}
+    fname = aliases.get(name, name) + ".npz"
+    res = importlib.resources.files("fdnc_jax") / "data" / fname
+    if not res.is_file():
+        available = sorted(
+            f.name[:-4] for f in (importlib.resources.files("fdnc_jax") / "data").iterdir()
+            if f.name.startswith("fdnc_") and f.name.endswith(".npz")
+        )
+        raise ValueError(f"no bundled weights named {name!r}; available: {['default', *available]}")
+    with importlib.resources.as_file(res) as p:
+        return load_weights(p)

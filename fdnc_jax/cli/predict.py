@@ -1,0 +1,95 @@
+"""fdnc-predict: name (or track) the neurons of test worms by matching them to a template.
+
+Examples:
+  fdnc-predict --demo
+  fdnc-predict --template=template.npz --test=vol1.csv,vol2.csv --out=preds.csv --top_k=3
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from fdnc_jax.cli._common import run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy.")
+flags.DEFINE_string("template", None, "Template worm file (.npz/.csv; positions in µm, names optional).")
+flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
+flags.DEFINE_enum(
+    "use_color", "auto", ["auto", "true", "false"],
+    "Add the NeuroPAL color term (weight --color_weight); auto = when all worms have color.",
+)
+flags.DEFINE_float("color_weight", 60.0, "Weight of the color log-likelihood term (original: 60).")
+flags.DEFINE_integer("top_k", 5, "Candidates per test neuron (1 ≤ top_k ≤ template neurons).")
+flags.DEFINE_float("min_probability", 0.0, "Assignments below this probability get no label (0–1).")
+flags.DEFINE_string("out", None, "CSV to write (one row per test neuron; with several tests, "
+                    "one file per test: OUT stem + _<test stem>.csv).")
+flags.DEFINE_string("checkpoint", None, "Training workdir to load weights from (default: bundled).")
+flags.DEFINE_string("weights", "default", "Name of bundled weights when --checkpoint is not given.")
+flags.DEFINE_bool("mirrored_test", False, "Test worms lie on the other side (negate x and z).")
+flags.DEFINE_bool("mirrored_template", False, "The template lies on the other side.")
+
+
+def _table(template, test, pred) -> str:
+    lines = [f"{'#':>4} {'annotated':>10} {'predicted':>10} {'prob':>6}  ok"]
+    for i in range(test.n):
+        truth, guess = test.names[i], pred.labels[i]
+        mark = "" if not truth else ("✓" if truth == guess else "✗")
+        lines.append(f"{i:>4} {truth or '-':>10} {guess or '-':>10} {pred.probability[i]:>6.2f}  {mark}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import fdnc_jax as fd
+    from fdnc_jax.metrics import name_accuracy
+
+    try:
+        model = fd.load_checkpoint(FLAGS.checkpoint) if FLAGS.checkpoint else fd.load_pretrained(FLAGS.weights)
+        if FLAGS.demo:
+            template, test = fd.load_demo_pair()
+            tests, test_paths = [test], [Path("demo_test")]
+        else:
+            if not FLAGS.template or not FLAGS.test:
+                raise app.UsageError("give --template and --test (or --demo)")
+            template = fd.load_worm(FLAGS.template)
+            test_paths = [Path(p) for p in FLAGS.test]
+            tests = [fd.load_worm(p) for p in test_paths]
+        if FLAGS.mirrored_template:
+            template = template.replace(mirrored=True)
+        if FLAGS.mirrored_test:
+            tests = [t.replace(mirrored=True) for t in tests]
+        use_color = {"auto": None, "true": True, "false": False}[FLAGS.use_color]
+        preds = fd.predict_batch(
+            model, template, tests, use_color=use_color, color_weight=FLAGS.color_weight,
+            top_k=FLAGS.top_k, min_probability=FLAGS.min_probability,
+        )
+    except (ValueError, TypeError) as e:
+        print(f"fdnc-predict: error: {e}", file=sys.stderr)
+        return 2
+    for path, test, pred in zip(test_paths, tests, preds, strict=True):
+        if FLAGS.demo or len(tests) == 1:
+            print(_table(template, test, pred))
+        correct, counted = name_accuracy(template, test, pred.labels)
+        if counted:
+            print(f"{path.name}: accuracy {correct}/{counted} = {correct / counted:.1%} "
+                  "(annotated test neurons whose name is in the template)")
+        if FLAGS.out:
+            out = Path(FLAGS.out)
+            if len(tests) > 1:
+                out = out.with_name(f"{out.stem}_{path.stem}.csv")
+            pred.to_csv(out)
+            print(f"wrote {out}")
+    return 0
+
+
+def run():
+    run_main(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,146 @@
+"""The fDNC matcher: a transformer over [template; test] point tokens scoring every test–template pair.
+
+Letters: B batch, N template points, M test points, D model width, C color channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fdnc_jax.model.layers import EncoderBlock, PointEmbedding, key_padding_mask
+
+NEG_INF = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Defaults are the paper's model (NIT_Registration)."""
+
+    width: int = 128  # D, d_model.
+    layers: int = 6  # Transformer encoder layers.
+    heads: int = 8  # Attention heads.
+    ff_width: int = 2048  # Feed-forward width.
+    dropout: float = 0.1  # Dropout in attention and feed-forward (training only).
+    color_features: int = 0  # C > 0: per-point normalised color concatenated to xyz as input.
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; known: {sorted(names)}")
+        cfg = cls(**dict(d))
+        if cfg.width % cfg.heads:
+            raise ValueError(f"model.width={cfg.width} must be divisible by model.heads={cfg.heads}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
+        if min(cfg.width, cfg.layers, cfg.heads, cfg.ff_width) <= 0 or cfg.color_features < 0:
+            raise ValueError(f"model sizes must be positive, got {cfg}")
+        return cfg
+
+
+class FDNC(nnx.Module):
+    """Permutation-equivariant neuron matcher.
+
+    Call with template points [B, N, 3] + mask [B, N] and test points [B, M, 3] + mask [B, M] (model
+    units); returns log-probabilities [B, M, N + 1]: column n < N is "test point m is template point n",
+    column N is "test point m is an outlier". Padded template columns get probability 0.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = PointEmbedding(3 + cfg.color_features, cfg.width, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                EncoderBlock(cfg.width, cfg.heads, cfg.ff_width, cfg.dropout, rngs=rngs)
+                for _ in range(cfg.layers)
+            ]
+        )
+        self.outlier = nnx.Linear(cfg.width, 1, rngs=rngs)
+
+    def __call__(
+        self,
+        template_xyz: jax.Array,
+        template_mask: jax.Array,
+        test_xyz: jax.Array,
+        test_mask: jax.Array,
+        template_color: jax.Array | None = None,
+        test_color: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        n = template_xyz.shape[1]
+        template_in, test_in = template_xyz, test_xyz
+        if self.cfg.color_features:
+            if template_color is None or test_color is None:
+                raise ValueError("this model takes color input: pass template_color and test_color")
+            c = self.cfg.color_features
+            template_in = jnp.concatenate([template_xyz, template_color[..., :c]], axis=-1)
+            test_in = jnp.concatenate([test_xyz, test_color[..., :c]], axis=-1)
+        # [B, N + M, D]; template tokens get +1 on every feature, the only "which cloud" signal.
+        tokens = jnp.concatenate([self.embed(template_in) + 1.0, self.embed(test_in)], axis=1)
+        valid = jnp.concatenate([template_mask, test_mask], axis=1)  # [B, N + M]
+        attention_mask = key_padding_mask(valid)
+        rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
+        for block in self.blocks:
+            tokens = block(tokens, attention_mask, deterministic=deterministic, rngs=rngs)
+        u, v = tokens[:, :n], tokens[:, n:]  # [B, N, D], [B, M, D]
+        scores = jnp.einsum("bmd,bnd->bmn", v, u)  # [B, M, N]
+        scores = jnp.where(template_mask[:, None, :], scores, NEG_INF)
+        outlier = self.outlier(v)  # [B, M, 1]
+        return jax.nn.log_softmax(jnp.concatenate([scores, outlier], axis=-1), axis=-1)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable scalars."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A trained matcher ready for inference: the split NNX model plus its config.
+
+    Attributes:
+      graphdef: the NNX graph definition (static structure).
+      params: nnx.State of the parameters.
+      other: nnx.State of the non-parameter variables (unused dropout RNG counters).
+      config: the ModelConfig.
+      info: free-form provenance (training steps, accuracy, source of the weights).
+    """
+
+    graphdef: Any
+    params: Any
+    other: Any
+    config: ModelConfig
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: ModelConfig, seed: int = 0, info: Mapping[str, Any] | None = None) -> Model:
+        """A freshly initialised model (random weights: train it before use)."""
+        graphdef, params, other = nnx.split(FDNC(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+        return cls(graphdef, params, other, config, dict(info or {}))
+
+    def replace_params(self, params: Any, info: Mapping[str, Any] | None = None) -> Model:
+        return dataclasses.replace(self, params=params, info=dict(info if info is not None else self.info))
+
+    def module(self, params: Any | None = None) -> FDNC:
+        """The NNX module with ``params`` (default: this model's)."""
+        return nnx.merge(self.graphdef, self.params if params is None else params, self.other)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+    @property
+    def uses_color(self) -> bool:
+        return self.config.color_features > 0
+
+    def __repr__(self) -> str:
+        return f"Model({self.config}, params={self.num_params:,}, info={dict(self.info)})"

@@ -1,0 +1,63 @@
+"""Building blocks of the fDNC transformer (Flax NNX).
+
+Letters: B batch, L tokens (template + test), D model width, F feed-forward width, C color channels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class PointEmbedding(nnx.Module):
+    """Per-point embedding: Linear(F_in → D) then LayerNorm (batch-independent, unlike the original BN).
+
+    Args:
+      in_features: 3 for positions, 3 + C with color features.
+      width: D.
+    """
+
+    def __init__(self, in_features: int, width: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, width, rngs=rngs)
+        self.norm = nnx.LayerNorm(width, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, F_in] → [B, L, D]."""
+        return self.norm(self.linear(x))
+
+
+class EncoderBlock(nnx.Module):
+    """Post-norm transformer encoder layer (as PyTorch's TransformerEncoderLayer, ReLU, dropout)."""
+
+    def __init__(self, width: int, heads: int, ff_width: int, dropout: float, *, rngs: nnx.Rngs):
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=heads,
+            in_features=width,
+            qkv_features=width,
+            out_features=width,
+            dropout_rate=dropout,
+            broadcast_dropout=False,
+            decode=False,
+            rngs=rngs,
+        )
+        self.ff_in = nnx.Linear(width, ff_width, rngs=rngs)
+        self.ff_out = nnx.Linear(ff_width, width, rngs=rngs)
+        self.norm_attention = nnx.LayerNorm(width, rngs=rngs)
+        self.norm_ff = nnx.LayerNorm(width, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(
+        self, x: jax.Array, attention_mask: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None
+    ) -> jax.Array:
+        """x: [B, L, D]; attention_mask: [B, 1, L, L] bool (True = may attend) → [B, L, D]."""
+        kwargs = {"deterministic": deterministic, "rngs": rngs}
+        h = self.attention(x, mask=attention_mask, **kwargs)
+        x = self.norm_attention(x + self.dropout(h, **kwargs))
+        h = self.ff_out(self.dropout(jax.nn.relu(self.ff_in(x)), **kwargs))
+        return self.norm_ff(x + self.dropout(h, **kwargs))
+
+
+def key_padding_mask(valid: jax.Array) -> jax.Array:
+    """valid: [B, L] bool → [B, 1, L, L] attention mask letting every query attend to valid keys."""
+    return jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, valid.shape[1], valid.shape[1]))

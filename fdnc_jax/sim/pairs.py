@@ -1,0 +1,292 @@
+"""Semi-synthetic training pairs: the transforms composed per copy, batched with ``jit(vmap(...))``.
+
+Letters: B pairs, S source worms, P source slots, R = ``cfg.max_outliers`` reserved outlier slots,
+Q = P + R slots of a synthetic copy, C color channels.
+
+A pair is two independent semi-synthetic copies (template, test) of one real source worm, so the
+identity of every surviving neuron is known: ``target[b, m]`` is the template slot holding the same
+source neuron as test point m, −1 when that neuron was dropped from the template, −2 for an outlier and
+−3 for an empty slot.
+
+Example:
+  >>> bank = make_source_bank([fd.load_worm(p) for p in paths])  # doctest: +SKIP
+  >>> batch = make_pair_batch(jax.random.key(0), bank, 64, SimConfig())  # doctest: +SKIP
+  >>> batch.test_xyz.shape  # [64, P + 20, 3]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdnc_jax.sim import transforms as T
+from fdnc_jax.sim.config import SimConfig
+from fdnc_jax.types import OUTLIER, PADDING, UNLABELLED, PairBatch, SourceBank
+from fdnc_jax.worm import MIN_NEURONS, Worm, to_model_units
+
+Array = jax.Array
+NUM_COLOR_CHANNELS = 3  # R, G, B: the channels the color term uses.
+_COLOR_FLOOR = 1e-5
+
+
+def normalize_color(color: np.ndarray, num_channels: int = NUM_COLOR_CHANNELS) -> np.ndarray:
+    """Per-neuron color normalisation of the original: first channels, ≥ 0, divided by the row sum.
+
+    Args:
+      color: [N, C'] raw intensities, C' ≥ num_channels.
+      num_channels: channels kept (the first ones).
+
+    Returns:
+      [N, num_channels] float32 rows summing to ~1, clipped ≥ 1e-5 (rows without signal: uniform).
+    """
+    c = np.maximum(np.asarray(color, np.float64)[:, :num_channels], 0.0)
+    total = c.sum(axis=1, keepdims=True)
+    c = np.where(total > 0, c / np.where(total > 0, total, 1.0), 1.0 / num_channels)
+    return np.maximum(c, _COLOR_FLOOR).astype(np.float32)
+
+
+def make_source_bank(
+    worms: Sequence[Worm], num_points: int | None = None, use_color: bool = False
+) -> SourceBank:
+    """Converts real worms to model units and pads them to a common size (host side).
+
+    Args:
+      worms: the source worms (µm; mirrored ones are mirrored by ``to_model_units``).
+      num_points: P, slots per worm; default: the largest worm rounded up to a multiple of 16.
+      use_color: carry per-neuron colors, normalised over the first 3 channels (every worm needs ≥ 3).
+
+    Returns:
+      SourceBank with xyz [S, P, 3] model units, mask [S, P], color [S, P, 3] or None.
+
+    Raises:
+      ValueError: no worms, a worm larger than ``num_points``, or missing color with ``use_color``.
+    """
+    worms = list(worms)
+    if not worms:
+        raise ValueError("make_source_bank needs at least one source worm, got an empty list")
+    for i, w in enumerate(worms):
+        if not isinstance(w, Worm):
+            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
+    largest = max(w.n for w in worms)
+    if num_points is None:
+        num_points = -(-largest // 16) * 16
+    if isinstance(num_points, bool) or not isinstance(num_points, int | np.integer):
+        raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
+    num_points = int(num_points)
+    if num_points < MIN_NEURONS:
+        raise ValueError(f"num_points={num_points} is too small: a worm needs ≥ {MIN_NEURONS} slots")
+    s = len(worms)
+    xyz = np.zeros((s, num_points, 3), np.float32)
+    mask = np.zeros((s, num_points), bool)
+    color = np.zeros((s, num_points, NUM_COLOR_CHANNELS), np.float32) if use_color else None
+    for i, w in enumerate(worms):
+        if w.n > num_points:
+            raise ValueError(
+                f"worms[{i}] has {w.n} neurons, more than num_points={num_points}; raise num_points"
+            )
+        xyz[i, : w.n] = to_model_units(w)[0]
+        mask[i, : w.n] = True
+        if use_color:
+            if w.color is None or w.color.shape[1] < NUM_COLOR_CHANNELS:
+                have = "no color" if w.color is None else f"{w.color.shape[1]} color channels"
+                raise ValueError(
+                    f"worms[{i}] has {have}; use_color=True needs ≥ {NUM_COLOR_CHANNELS} (R, G, B)"
+                )
+            color[i, : w.n] = normalize_color(w.color)
+    return SourceBank(
+        xyz=jnp.asarray(xyz),
+        mask=jnp.asarray(mask),
+        color=None if color is None else jnp.asarray(color),
+    )
+
+
+def _jitter_color(key: Array, color: Array, cfg: SimConfig) -> Array:
+    """Multiplicative per-channel (and optional per-neuron) color jitter, rows renormalised."""
+    c_key, n_key = jax.random.split(key)
+    channel = 1.0 + jax.random.uniform(
+        c_key, (color.shape[-1],), minval=-cfg.color_jitter, maxval=cfg.color_jitter
+    )  # [C]
+    out = color * channel[None, :]
+    if cfg.color_neuron_jitter > 0:
+        v = cfg.color_neuron_jitter
+        out = out * (1.0 + jax.random.uniform(n_key, color.shape, minval=-v, maxval=v))
+    out = out / jnp.maximum(jnp.sum(out, axis=1, keepdims=True), _COLOR_FLOOR)
+    return jnp.maximum(out, _COLOR_FLOOR)
+
+
+def _synthesize(
+    key: Array,
+    xyz: Array,
+    mask: Array,
+    color: Array | None,
+    cfg: SimConfig,
+    straighten_first: bool,
+) -> tuple[Array, Array, Array, Array | None]:
+    """``synthesize`` with the straightening made explicit (pairs straighten once per source)."""
+    p, r = xyz.shape[0], cfg.max_outliers
+    labels = jnp.where(mask, jnp.arange(p, dtype=jnp.int32), PADDING)  # [P]
+    # [Q, ...] with R empty slots reserved for outliers.
+    xyz = jnp.concatenate([jnp.where(mask[:, None], xyz, 0.0), jnp.zeros((r, 3), xyz.dtype)])
+    mask = jnp.concatenate([mask, jnp.zeros((r,), bool)])
+    labels = jnp.concatenate([labels, jnp.full((r,), PADDING, jnp.int32)])
+    src_mask = mask
+    ks = jax.random.split(key, 12)
+    cloud = (xyz, mask, labels)
+    if straighten_first:
+        cloud = T.straighten(None, *cloud, cfg)
+    cloud = T.smooth_warp(ks[0], *cloud, cfg)
+    cloud = T.rotate_yz(ks[1], *cloud, cfg)
+    lo, hi = cfg.p_drop
+    rate = jax.random.uniform(ks[2], (), minval=lo, maxval=hi)
+    cloud = T.drop_points(ks[3], *cloud, cfg, rate=rate)
+    cloud = T.add_outliers(ks[4], *cloud, cfg, rate=rate)
+    cloud = T.random_bend(ks[5], *cloud, cfg)
+    cloud = T.scale(ks[6], *cloud, cfg)
+    cloud = T.shear_xy(ks[7], *cloud, cfg)
+    cloud = T.rotate_xy(ks[8], *cloud, cfg)
+    cloud = T.jitter(ks[9], *cloud, cfg)
+    cloud = T.recenter(None, *cloud, cfg)
+    xyz, mask, labels = T.shuffle(ks[10], *cloud, cfg)
+    if color is not None:
+        color = jnp.concatenate([color, jnp.zeros((r, color.shape[1]), color.dtype)])  # [Q, C]
+        c_key, o_key = jax.random.split(ks[11])
+        # Outliers borrow the color of a random source neuron (donor j for the j-th outlier slot).
+        is_out = cloud[2] == OUTLIER  # [Q]
+        donors = T._select_valid(jax.random.uniform(o_key, (max(r, 1),)), src_mask)  # [R]
+        out_rank = jnp.clip(jnp.cumsum(is_out.astype(jnp.int32)) - 1, 0, max(r, 1) - 1)  # [Q]
+        color = jnp.where(is_out[:, None], color[donors[out_rank]], color)
+        color = _jitter_color(c_key, color, cfg)
+        if cfg.shuffle:
+            color = color[T.shuffle_order(ks[10], p + r)]
+        color = jnp.where(mask[:, None], color, 0.0)
+    xyz = jnp.where(mask[:, None], xyz, 0.0)
+    labels = jnp.where(mask, labels, PADDING)
+    return xyz, mask, labels, color
+
+
+def synthesize(
+    key: Array, xyz: Array, mask: Array, color: Array | None, cfg: SimConfig
+) -> tuple[Array, Array, Array, Array | None]:
+    """One semi-synthetic copy of one source worm.
+
+    Order (the original's, with the bend applied where it re-bent onto a centerline): [straighten] →
+    smooth_warp → rotate_yz (+ yz shear) → drop_points → add_outliers → random_bend → scale →
+    shear_xy → rotate_xy → jitter → recenter → shuffle. The drop probability p ~ U(p_drop) is shared by
+    drop_points and add_outliers (k < min(max_outliers, n·p)). Empty slots come back zeroed.
+
+    Args:
+      key: PRNG key.
+      xyz: [P, 3] float32 source positions, model units.
+      mask: [P] bool, valid source slots.
+      color: optional [P, C] normalised colors (carried; outliers borrow a random neuron's color; per
+        channel multiplicative jitter, rows renormalised).
+      cfg: the SimConfig (static).
+
+    Returns:
+      xyz: [Q, 3] float32 model units, Q = P + cfg.max_outliers.
+      mask: [Q] bool.
+      labels: [Q] int32, source slot (≥ 0), −2 outlier, −3 empty.
+      color: [Q, C] float32 or None.
+    """
+    return _synthesize(key, xyz, mask, color, cfg, cfg.straighten_sources)
+
+
+def template_targets(template_labels: Array, test_labels: Array, num_sources: int) -> Array:
+    """For each test slot, the template slot holding the same source neuron.
+
+    Args:
+      template_labels: [N] int32 source index (≥ 0) or a negative code.
+      test_labels: [M] int32 source index (≥ 0) or a negative code.
+      num_sources: P, source slots (labels are < P).
+
+    Returns:
+      [M] int32: template slot (≥ 0); −1 when the neuron is absent from the template; the test's own
+      negative code (−2 outlier, −3 empty) otherwise.
+    """
+    n = template_labels.shape[0]
+    idx = jnp.where(template_labels >= 0, template_labels, num_sources)  # [N], out of range → dropped
+    inverse = jnp.full((num_sources,), UNLABELLED, jnp.int32)
+    inverse = inverse.at[idx].set(jnp.arange(n, dtype=jnp.int32), mode="drop")  # [P]
+    found = inverse[jnp.clip(test_labels, 0, num_sources - 1)]  # [M]
+    return jnp.where(test_labels >= 0, found, test_labels).astype(jnp.int32)
+
+
+def _one_pair(key: Array, xyz: Array, mask: Array, color: Array | None, cfg: SimConfig):
+    p = xyz.shape[0]
+    if cfg.straighten_sources:
+        xyz = T.straighten(None, xyz, mask, jnp.zeros((p,), jnp.int32), cfg)[0]
+    k_tmpl, k_test = jax.random.split(key)
+    t_xyz, t_mask, t_lab, t_col = _synthesize(k_tmpl, xyz, mask, color, cfg, False)
+    s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, xyz, mask, color, cfg, False)
+    target = template_targets(t_lab, s_lab, p)
+    return PairBatch(
+        template_xyz=t_xyz,
+        template_mask=t_mask,
+        test_xyz=s_xyz,
+        test_mask=s_mask,
+        target=target,
+        template_color=t_col,
+        test_color=s_col,
+    )
+
+
+def _pair_batch(key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig) -> PairBatch:
+    src_key, pair_key = jax.random.split(key)
+    index = jax.random.randint(src_key, (batch_size,), 0, sources.xyz.shape[0])  # [B]
+    keys = jax.random.split(pair_key, batch_size)
+    color = None if sources.color is None else sources.color[index]
+    pair = lambda k, x, m, c: _one_pair(k, x, m, c, cfg)
+    return jax.vmap(pair)(keys, sources.xyz[index], sources.mask[index], color)
+
+
+_pair_batch_jit = jax.jit(_pair_batch, static_argnames=("batch_size", "cfg"))
+
+
+def make_pair_batch(
+    key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig | None = None
+) -> PairBatch:
+    """A batch of semi-synthetic (template, test) pairs: 2 · batch_size synthetic worms.
+
+    Each pair takes a source uniformly at random and synthesizes two independent copies (``synthesize``).
+    Jitted once per (batch_size, S, P, cfg); same key → same batch. Callable inside another jit.
+
+    Args:
+      key: PRNG key (``jax.random.key``).
+      sources: the SourceBank (xyz [S, P, 3] model units).
+      batch_size: B, number of pairs.
+      cfg: SimConfig (static); default ``SimConfig()``.
+
+    Returns:
+      PairBatch with template/test xyz [B, Q, 3] (Q = P + cfg.max_outliers), masks [B, Q], target
+      [B, Q] int32 (template slot, −1 absent from the template, −2 outlier, −3 empty), colors
+      [B, Q, 3] or None.
+
+    Raises:
+      ValueError: a bad batch size, an empty source bank, too few slots, or an invalid config.
+    """
+    cfg = SimConfig() if cfg is None else cfg
+    if not isinstance(cfg, SimConfig):
+        raise TypeError(f"cfg must be a SimConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    if not isinstance(sources, SourceBank):
+        raise TypeError(f"sources must be a SourceBank, got {type(sources).__name__}")
+    if sources.xyz.ndim != 3 or sources.xyz.shape[-1] != 3:
+        raise ValueError(f"sources.xyz must have shape [S, P, 3], got {sources.xyz.shape}")
+    if sources.mask.shape != sources.xyz.shape[:2]:
+        raise ValueError(
+            f"sources.mask {sources.mask.shape} does not match sources.xyz {sources.xyz.shape}"
+        )
+    if sources.xyz.shape[0] == 0:
+        raise ValueError("the source bank is empty (S = 0): no worm to synthesize from")
+    if sources.xyz.shape[1] < MIN_NEURONS:
+        raise ValueError(
+            f"sources have P={sources.xyz.shape[1]} slots; at least {MIN_NEURONS} are needed"
+        )
+    return _pair_batch_jit(key, sources, batch_size=int(batch_size), cfg=cfg)

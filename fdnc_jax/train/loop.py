@@ -1,0 +1,245 @@
+"""``train_and_evaluate(config, workdir)``: the only function in training with side effects.
+
+It loads the source worms, builds the fixed validation set, resumes from ``workdir`` when a checkpoint
+exists, runs the jitted train step (batches simulated on device), validates every
+``config.train.eval_every`` steps, halves the learning rate and restores the best weights after
+``plateau_patience`` validations without improvement (the original schedule), logs to
+``workdir/metrics.jsonl`` and saves orbax checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from fdnc_jax import checkpoint as ckpt
+from fdnc_jax import datasets
+from fdnc_jax.io import load_worm
+from fdnc_jax.model.fdnc import Model, ModelConfig
+from fdnc_jax.sim.config import SimConfig
+from fdnc_jax.sim.pairs import make_pair_batch, make_source_bank
+from fdnc_jax.train import step as train_step_lib
+from fdnc_jax.types import PairBatch, SourceBank
+from fdnc_jax.worm import Worm
+
+
+def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Worm]]:
+    """(train, validation) worms: a whole held-out lab (``val_lab``) or the last ``val_fraction``."""
+    if not worms:
+        raise ValueError("config.data.sources matched no worms")
+    if data_cfg.val_lab:
+        val = [w for w in worms if datasets.lab_of(w) == data_cfg.val_lab]
+        train = [w for w in worms if datasets.lab_of(w) != data_cfg.val_lab]
+        if not val:
+            labs = sorted({datasets.lab_of(w) for w in worms})
+            raise ValueError(f"config.data.val_lab={data_cfg.val_lab!r} matches no worm; labs: {labs}")
+    else:
+        n_val = max(1, int(round(len(worms) * data_cfg.val_fraction)))
+        if n_val >= len(worms):
+            raise ValueError(f"{len(worms)} source worms are too few to hold out {n_val} for validation")
+        order = np.random.default_rng(data_cfg.split_seed).permutation(len(worms))
+        val = [worms[i] for i in sorted(order[:n_val])]
+        train = [worms[i] for i in sorted(order[n_val:])]
+    if not train:
+        raise ValueError("no training worms left after holding out the validation worms")
+    return train, val
+
+
+def load_sources(data_cfg) -> list[Worm]:
+    return [load_worm(p) for p in datasets.resolve_worm_files(data_cfg.sources)]
+
+
+def validation_batches(
+    bank: SourceBank, num_pairs: int, batch_size: int, sim_cfg: SimConfig, seed: int
+) -> list[PairBatch]:
+    """A fixed held-out semi-synthetic set: the same pairs at every evaluation and on resume."""
+    key = jax.random.key(seed)
+    n_batches = max(1, -(-num_pairs // batch_size))
+    return [make_pair_batch(jax.random.fold_in(key, i), bank, batch_size, sim_cfg) for i in range(n_batches)]
+
+
+def evaluate(eval_step, params, batches: Sequence[PairBatch]) -> dict[str, float]:
+    """Validation metrics over fixed batches: loss, top-1 and top-5 accuracy (argmax, no Hungarian)."""
+    sums = None
+    for batch in batches:
+        out = eval_step(params, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    count = max(float(sums["count"]), 1.0)
+    return {
+        "val_loss": float(sums["loss_sum"] / sums["pairs"]),
+        "accuracy": float(sums["top1"] / count),
+        "top5_accuracy": float(sums["top5"] / count),
+    }
+
+
+class _MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``; drops entries past a resume point."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _say(message: str, tcfg) -> None:
+    """Logs a message and shows it above the progress bar."""
+    logging.info(message)
+    if tcfg.progress_bar:
+        tqdm.write(message)
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Model:
+    """Trains (or resumes training) the fDNC matcher; returns the best model.
+
+    Args:
+      config: a ConfigDict as in ``configs/default.py`` (model, sim, data, train).
+      workdir: where checkpoints, ``config.json`` and ``metrics.jsonl`` go; an existing workdir with
+        checkpoints is resumed from its latest step.
+
+    Returns:
+      The model with the best validation accuracy.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_cfg = ModelConfig.from_dict(config.model)
+    sim_cfg = SimConfig.from_dict(config.sim)
+    sim_cfg.validate()
+    tcfg = config.train
+    n_dev = jax.device_count()
+    if tcfg.batch_size % n_dev:
+        raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices")
+
+    train_worms, val_worms = split_sources(load_sources(config.data), config.data)
+    num_points = config.data.num_points or None
+    if num_points is None:
+        num_points = int(-(-max(w.n for w in train_worms + val_worms) // 16) * 16)
+    use_color = model_cfg.color_features > 0
+    train_bank = make_source_bank(train_worms, num_points, use_color=use_color)
+    val_bank = make_source_bank(val_worms, num_points, use_color=use_color)
+    val_batches = validation_batches(
+        val_bank, config.data.val_pairs, tcfg.batch_size, sim_cfg, config.seed + 1_000_003
+    )
+    logging.info(
+        "sources: %d training, %d validation worms, %d points per worm",
+        len(train_worms), len(val_worms), num_points,
+    )
+
+    model = Model.create(model_cfg, seed=config.seed)
+    tx = train_step_lib.make_optimizer(tcfg.learning_rate, tcfg.clip_norm, tcfg.optimizer)
+    state = train_step_lib.init_state(model, tx)
+    abstract = ckpt.abstract_of(state)
+    store = ckpt.CheckpointStore(workdir)
+    run = {"best_accuracy": -1.0, "bad_evals": 0, "plateau_trials": 0, "stopped_early": False}
+    best_state = state
+    restored = store.restore(ckpt.LATEST, abstract)
+    if restored is not None:
+        state, meta = restored
+        run.update({k: meta[k] for k in run if k in meta})
+        best = store.restore(ckpt.BEST, abstract)
+        best_state = best[0] if best is not None else state
+        _say(f"resumed from {store.root / ckpt.LATEST} at step {int(state.step)}", config.train)
+    (workdir / "config.json").write_text(json.dumps(_config_dict(config), indent=2))
+
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = jax.device_put(state, replicated)
+    train_bank = jax.device_put(train_bank, replicated)
+    train_step = train_step_lib.make_train_step(model, tx, sim_cfg, tcfg.batch_size, batch_sharding)
+    eval_step = train_step_lib.make_eval_step(model)
+    root_key = jax.random.key(config.seed)
+
+    start = int(state.step)
+    log = _MetricsLog(workdir / "metrics.jsonl", start)
+    nonfinite_seen = int(state.nonfinite)
+
+    def save(which: str, s, extra: dict[str, Any] | None = None) -> None:
+        meta = {**run, "config": _config_dict(config), "lr": train_step_lib.learning_rate(s)}
+        store.save(which, int(s.step), jax.device_get(s), {**meta, **(extra or {})})
+
+    t0 = time.time()
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not tcfg.progress_bar)
+    step = start
+    try:
+        while step < tcfg.steps and not run["stopped_early"]:
+            state, metrics = train_step(state, train_bank, root_key)
+            step += 1
+            bar.update(1)
+            is_last = step == tcfg.steps
+            record = None
+            if step % tcfg.log_every == 0 or is_last:
+                nonfinite = int(state.nonfinite)
+                if nonfinite > nonfinite_seen:
+                    last = store.latest_step()
+                    raise FloatingPointError(
+                        f"training loss or gradients became non-finite (NaN/inf) before step {step}; "
+                        f"training stopped. The last good checkpoint is step {last} in "
+                        f"{store.root / ckpt.LATEST} (lower train.learning_rate and resume)"
+                    )
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                record = {"step": step, **host, "lr": train_step_lib.learning_rate(state),
+                          "elapsed_s": round(time.time() - t0, 2)}
+            if step % tcfg.eval_every == 0 or is_last:
+                val = evaluate(eval_step, state.params, val_batches)
+                record = {**(record or {"step": step, "elapsed_s": round(time.time() - t0, 2)}), **val}
+                if val["accuracy"] > run["best_accuracy"]:
+                    run.update(best_accuracy=val["accuracy"], bad_evals=0)
+                    best_state = jax.device_get(state)
+                    save(ckpt.BEST, state, {"val_accuracy": val["accuracy"]})
+                else:
+                    run["bad_evals"] += 1
+                    if run["bad_evals"] >= tcfg.plateau_patience:
+                        run["plateau_trials"] += 1
+                        run["bad_evals"] = 0
+                        lr = train_step_lib.learning_rate(state) * tcfg.plateau_factor
+                        restored_best = train_step_lib.with_learning_rate(best_state, lr)
+                        state = jax.device_put(
+                            type(state)(state.step, restored_best.params, restored_best.opt_state,
+                                        state.nonfinite),
+                            replicated,
+                        )
+                        _say(f"plateau: restored best weights, learning rate → {lr:.3g}", tcfg)
+                        if run["plateau_trials"] > tcfg.max_plateau_trials:
+                            run["stopped_early"] = True
+                record["best_accuracy"] = run["best_accuracy"]
+                _say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()), tcfg)
+                bar.set_postfix(acc=f"{val['accuracy']:.3f}")
+            if record is not None:
+                log.write(record)
+            if step % tcfg.checkpoint_every == 0 or is_last or run["stopped_early"]:
+                save(ckpt.LATEST, state)
+    finally:
+        bar.close()
+        store.close()
+    return _best_model(model, best_state, run)
+
+
+def _best_model(model: Model, best_state, run: dict[str, Any]) -> Model:
+    return model.replace_params(
+        jax.device_get(best_state.params),
+        {"step": int(best_state.step), "best_accuracy": run["best_accuracy"]},
+    )

@@ -1,0 +1,160 @@
+"""Pure, jitted training and evaluation steps over (graphdef, state).
+
+Letters: B batch (pairs), N template slots, M test slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fdnc_jax import losses
+from fdnc_jax.model.fdnc import Model
+from fdnc_jax.sim.config import SimConfig
+from fdnc_jax.sim.pairs import make_pair_batch
+from fdnc_jax.types import PairBatch, SourceBank
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["step", "params", "opt_state", "nonfinite"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed whole).
+
+    Attributes:
+      step: [] int32, optimizer steps taken.
+      params: nnx.State of the model parameters.
+      opt_state: optax state (learning rate injected as a hyperparameter).
+      nonfinite: [] int32, steps skipped because loss or gradients were not finite.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite: jax.Array
+
+
+def make_optimizer(
+    learning_rate: float, clip_norm: float, optimizer: str = "adam"
+) -> optax.GradientTransformation:
+    """Gradient-norm clipping + Adam/AdamW with the learning rate injected (settable on plateau)."""
+
+    def build(learning_rate):
+        opt = {"adam": optax.adam, "adamw": optax.adamw}[optimizer](learning_rate)
+        return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+
+    return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+def learning_rate(state: TrainState) -> float:
+    return float(state.opt_state.hyperparams["learning_rate"])
+
+
+def with_learning_rate(state: TrainState, lr: float) -> TrainState:
+    """A copy of ``state`` whose optimizer uses ``lr`` from now on."""
+    hyper = dict(state.opt_state.hyperparams)
+    hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
+    return dataclasses.replace(state, opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def init_state(model: Model, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0: the model's parameters and a fresh optimizer state."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=model.params,
+        opt_state=tx.init(model.params),
+        nonfinite=jnp.zeros((), jnp.int32),
+    )
+
+
+def forward(
+    model: Model, params: Any, batch: PairBatch, *, deterministic: bool, dropout_key=None
+) -> jax.Array:
+    """Log-probs [B, M, N + 1] of ``model`` with ``params`` on a PairBatch."""
+    return model.module(params)(
+        batch.template_xyz,
+        batch.template_mask,
+        batch.test_xyz,
+        batch.test_mask,
+        batch.template_color,
+        batch.test_color,
+        deterministic=deterministic,
+        dropout_key=dropout_key,
+    )
+
+
+def _loss_fn(params, model, batch, dropout_key):
+    log_probs = forward(model, params, batch, deterministic=False, dropout_key=dropout_key)
+    terms = losses.match_loss(log_probs, batch.target, batch.test_mask)
+    return terms["loss"], (terms, log_probs)
+
+
+def make_train_step(
+    model: Model,
+    tx: optax.GradientTransformation,
+    sim_cfg: SimConfig,
+    batch_size: int,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> Callable[[TrainState, SourceBank, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``train_step(state, sources, root_key) -> (state, metrics)``, jitted once.
+
+    The batch is simulated on device from ``fold_in(root_key, step)``: no host data pipeline. A step
+    whose loss or gradient is not finite leaves the parameters unchanged and increments
+    ``state.nonfinite`` (the loop turns that into an error at the next log step).
+    """
+
+    def step(state: TrainState, sources: SourceBank, root_key: jax.Array):
+        key = jax.random.fold_in(root_key, state.step)
+        sim_key, dropout_key = jax.random.split(key)
+        batch = make_pair_batch(sim_key, sources, batch_size, sim_cfg)
+        if batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        (loss, (terms, log_probs)), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+            state.params, model, batch, dropout_key
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        )
+        acc = losses.topk_correct(log_probs, batch.target, batch.test_mask, ks=(1,))
+        metrics = {
+            "loss": loss,
+            "nll": terms["nll"],
+            "entropy": terms["entropy"],
+            "train_accuracy": acc["top1"] / jnp.maximum(acc["count"], 1),
+            "grad_norm": optax.global_norm(grads),
+        }
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model: Model) -> Callable[[Any, PairBatch], dict[str, jax.Array]]:
+    """Builds ``eval_step(params, batch) -> sums`` (loss × count, top-1/top-5 correct, count)."""
+
+    def step(params, batch: PairBatch):
+        log_probs = forward(model, params, batch, deterministic=True)
+        terms = losses.match_loss(log_probs, batch.target, batch.test_mask)
+        acc = losses.topk_correct(log_probs, batch.target, batch.test_mask, ks=(1, 5))
+        return {
+            "loss_sum": terms["loss"] * batch.test_mask.shape[0],
+            "pairs": jnp.asarray(batch.test_mask.shape[0], jnp.float32),
+            **acc,
+        }
+
+    return jax.jit(step)

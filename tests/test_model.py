@@ -1,0 +1,108 @@
+"""The FDNC transformer: size, equivariance, masking."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fdnc_jax.model.fdnc import FDNC, Model, ModelConfig, count_params
+
+TINY = ModelConfig(width=16, layers=2, heads=2, ff_width=32, dropout=0.0)
+
+
+def _layer_params(d, ff):
+    attention = 3 * (d * d + d) + (d * d + d)
+    return attention + (d * ff + ff) + (ff * d + d) + 2 * 2 * d
+
+
+def test_paper_parameter_count():
+    model = FDNC(ModelConfig(), rngs=nnx.Rngs(0))
+    n = count_params(model)
+    # 6 post-norm encoder layers + Linear(3→128) + LayerNorm(128) + outlier Linear(128→1).
+    assert n == 6 * _layer_params(128, 2048) + (3 * 128 + 128) + 2 * 128 + (128 + 1) == 3_559_041
+    # The paper's "4.15 M" counts one more encoder layer: PyTorch registers the prototype layer
+    # passed to nn.TransformerEncoder as a module of its own (unused in the forward pass).
+    assert abs(n + _layer_params(128, 2048) - 4.15e6) < 0.01e6
+
+
+def _inputs(rng, b=2, n=12, m=10):
+    k1, k2 = jax.random.split(rng)
+    t = jax.random.normal(k1, (b, n, 3)) * 0.3
+    s = jax.random.normal(k2, (b, m, 3)) * 0.3
+    return t, jnp.ones((b, n), bool), s, jnp.ones((b, m), bool)
+
+
+def test_log_probs_normalised_and_shape(rng):
+    model = FDNC(TINY, rngs=nnx.Rngs(0))
+    out = model(*_inputs(rng))
+    assert out.shape == (2, 10, 13)
+    np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, atol=1e-5)
+
+
+def test_equivariant_to_permutations(rng):
+    model = FDNC(TINY, rngs=nnx.Rngs(0))
+    t, tm, s, sm = _inputs(rng)
+    out = model(t, tm, s, sm)
+    pt = np.random.default_rng(0).permutation(12)
+    ps = np.random.default_rng(1).permutation(10)
+    out_p = model(t[:, pt], tm, s[:, ps], sm)
+    expected = out[:, ps][:, :, np.append(pt, 12)]
+    np.testing.assert_allclose(out_p, expected, atol=2e-5)
+
+
+def test_padding_changes_nothing(rng):
+    model = FDNC(TINY, rngs=nnx.Rngs(0))
+    t, tm, s, sm = _inputs(rng)
+    out = model(t, tm, s, sm)
+    big = 7.0 * jnp.ones((2, 4, 3))
+    t_pad = jnp.concatenate([t, big], 1)
+    s_pad = jnp.concatenate([s, -big], 1)
+    tm_pad = jnp.concatenate([tm, jnp.zeros((2, 4), bool)], 1)
+    sm_pad = jnp.concatenate([sm, jnp.zeros((2, 4), bool)], 1)
+    out_pad = model(t_pad, tm_pad, s_pad, sm_pad)
+    np.testing.assert_allclose(out_pad[:, :10, :12], out[:, :, :12], atol=2e-5)
+    np.testing.assert_allclose(out_pad[:, :10, -1], out[:, :, -1], atol=2e-5)
+    assert float(jnp.max(jnp.exp(out_pad[:, :10, 12:16]))) == 0.0  # padded template columns
+
+
+def test_dropout_only_in_training(rng):
+    model = FDNC(dataclass_replace(TINY, dropout=0.5), rngs=nnx.Rngs(0))
+    args = _inputs(rng)
+    a = model(*args, deterministic=False, dropout_key=jax.random.key(1))
+    b = model(*args, deterministic=False, dropout_key=jax.random.key(2))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model(*args), model(*args))
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_color_input_switch(rng):
+    cfg = dataclass_replace(TINY, color_features=3)
+    model = FDNC(cfg, rngs=nnx.Rngs(0))
+    t, tm, s, sm = _inputs(rng)
+    tc, sc = jnp.full((2, 12, 3), 1 / 3), jnp.full((2, 10, 3), 1 / 3)
+    assert model(t, tm, s, sm, tc, sc).shape == (2, 10, 13)
+    with pytest.raises(ValueError, match="takes color input"):
+        model(t, tm, s, sm)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("width", 30, "divisible"), ("dropout", 1.5, "dropout"), ("layers", 0, "positive")],
+)
+def test_bad_model_config(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict({field: value, **({"heads": 4} if field == "width" else {})})
+    with pytest.raises(ValueError, match="unknown model config"):
+        ModelConfig.from_dict({"depth": 3})
+
+
+def test_model_bundle_round_trip():
+    model = Model.create(TINY, seed=1)
+    assert model.num_params == count_params(model.module())
+    assert not model.uses_color

@@ -1,0 +1,167 @@
+"""Training: loss goes down, kill-and-resume is exact, NaN stops cleanly, no retrace, data parallel."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import fdnc_jax as fd
+from fdnc_jax import losses
+from fdnc_jax.checkpoint import CheckpointError, load_checkpoint
+from fdnc_jax.train.config_files import get_config
+from fdnc_jax.train.loop import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**train):
+    config = get_config(ROOT / "configs" / "tiny.py")
+    for k, v in train.items():
+        config.train[k] = v
+    return config
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(model):
+    return [np.asarray(x) for x in jax.tree.leaves(model.params)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    model = train_and_evaluate(tiny_config(steps=60, eval_every=20, log_every=10), workdir)
+    return workdir, model
+
+
+def test_tiny_training_lowers_loss_and_writes_contract(trained):
+    workdir, model = trained
+    records = _records(workdir)
+    assert all("step" in r and "loss" in r for r in records)
+    evals = [r for r in records if "accuracy" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert model.info["best_accuracy"] == max(r["accuracy"] for r in evals)
+
+
+def test_load_checkpoint_predicts_one_to_one(trained):
+    workdir, _ = trained
+    model = fd.load_checkpoint(workdir)
+    template, test = fd.load_demo_pair()
+    pred = fd.predict(model, template, test)
+    assigned = pred.assignment[pred.assignment >= 0]
+    assert len(assigned) == len(set(assigned.tolist())) > 0
+    assert model.info["step"] in (20, 40, 60)
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    config = tiny_config(steps=20, eval_every=5, log_every=5, checkpoint_every=10)
+    straight = train_and_evaluate(config, tmp_path / "a")
+    config.train.steps = 10
+    train_and_evaluate(config, tmp_path / "b")
+    # Simulate a kill after step 13: metrics written past the last checkpoint are dropped on resume.
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
+    config.train.steps = 20
+    train_and_evaluate(config, tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a", which="latest")
+    b = load_checkpoint(tmp_path / "b", which="latest")
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    steps_b = [r["step"] for r in _records(tmp_path / "b")]
+    assert steps_b == [r["step"] for r in _records(tmp_path / "a")] == [5, 10, 15, 20]
+
+
+def test_nan_stops_training_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(steps=10, eval_every=10, log_every=5, checkpoint_every=10)
+    train_and_evaluate(config, tmp_path)
+    before = load_checkpoint(tmp_path, which="latest")
+    real = losses.match_loss
+
+    def nan_loss(*args):
+        out = real(*args)
+        return {**out, "loss": out["loss"] * jax.numpy.nan}
+
+    monkeypatch.setattr(losses, "match_loss", nan_loss)
+    config.train.steps = 20
+    with pytest.raises(FloatingPointError, match="non-finite.*last good checkpoint is step 10"):
+        train_and_evaluate(config, tmp_path)
+    after = load_checkpoint(tmp_path, which="latest")
+    assert after.info["step"] == 10
+    for x, y in zip(_params(before), _params(after), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_train_step_traced_once(tmp_path):
+    from fdnc_jax.train import step as step_lib
+
+    traces = []
+    real = step_lib._loss_fn
+
+    def counting(*args):
+        traces.append(1)
+        return real(*args)
+
+    step_lib._loss_fn, saved = counting, real
+    try:
+        train_and_evaluate(tiny_config(steps=12, eval_every=6, log_every=3), tmp_path)
+    finally:
+        step_lib._loss_fn = saved
+    assert len(traces) == 1
+
+
+def test_corrupt_checkpoint_names_path(tmp_path):
+    train_and_evaluate(tiny_config(steps=5, eval_every=5, checkpoint_every=5), tmp_path)
+    for f in (tmp_path / "checkpoints" / "best" / "5" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match=r"checkpoints/best/5"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="no checkpoints found"):
+        load_checkpoint(ROOT / "configs")
+
+
+def test_incompatible_config_on_resume(tmp_path):
+    train_and_evaluate(tiny_config(steps=5, eval_every=5, checkpoint_every=5), tmp_path)
+    config = tiny_config(steps=10)
+    config.model.width = 32
+    with pytest.raises(CheckpointError, match="different model"):
+        train_and_evaluate(config, tmp_path)
+
+
+_DP_SCRIPT = """
+import json, sys, jax
+from fdnc_jax.train.config_files import get_config
+from fdnc_jax.train.loop import train_and_evaluate
+config = get_config(sys.argv[1])
+config.train.steps = 4
+config.train.log_every = 4
+config.train.eval_every = 4
+train_and_evaluate(config, sys.argv[2])
+print(json.dumps({"devices": jax.device_count()}))
+"""
+
+
+def test_data_parallel_matches_single_device(tmp_path):
+    out = {}
+    for n in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+        res = subprocess.run(
+            [sys.executable, "-c", _DP_SCRIPT, str(ROOT / "configs" / "tiny.py"), str(tmp_path / str(n))],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout.strip().splitlines()[-1])["devices"] == n
+        out[n] = _records(tmp_path / str(n))[-1]
+    np.testing.assert_allclose(out[2]["loss"], out[1]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(out[2]["val_loss"], out[1]["val_loss"], rtol=1e-4)
