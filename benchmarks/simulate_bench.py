@@ -5,7 +5,8 @@ The numpy version below follows the original fDNC's style (one worm at a time, a
 outliers until enough are accepted) and does the same steps with the same SimConfig, without CPD.
 Both produce padded arrays ([Q, 3], mask, labels, targets) so the work compared is the same.
 
-Sources: every worm in ``$FDNC_SHARED/data/wormnd`` when present, else 64 random clouds of 150 points.
+Sources: every worm in ``$FDNC_SHARED/data/wormnd`` when present, else 64 random clouds
+of 150 points.
 
 Run:
   FDNC_SHARED=/work/shared python benchmarks/simulate_bench.py
@@ -77,7 +78,8 @@ def np_synthesize(rng, xyz, cfg):
     labels = np.arange(n)
     # Smooth warp: Gaussian bumps at random neurons.
     centres = xyz[rng.integers(n, size=cfg.warp_num_bumps)]
-    g = np.exp(-0.5 * ((xyz[:, None] - centres[None]) ** 2).sum(-1) / (cfg.warp_length_um / UM_PER_UNIT) ** 2)
+    ell = cfg.warp_length_um / UM_PER_UNIT
+    g = np.exp(-0.5 * ((xyz[:, None] - centres[None]) ** 2).sum(-1) / ell**2)
     field = g @ rng.normal(size=(cfg.warp_num_bumps, 3))
     field *= cfg.warp_amplitude_um / UM_PER_UNIT / np.sqrt((g * g).sum(1).mean())
     xyz = xyz + field
@@ -106,7 +108,8 @@ def np_synthesize(rng, xyz, cfg):
         labels = np.concatenate([labels, np.full(len(outliers), -2)])
     # Bend along κ(s) = κ0 + κ1 s.
     k0 = rng.uniform(-1, 1) * cfg.bend_curvature_per_mm * UM_PER_UNIT / 1000
-    k1 = rng.uniform(-1, 1) * cfg.bend_curvature_change_per_mm * UM_PER_UNIT / 1000 / (100 / UM_PER_UNIT)
+    k1 = rng.uniform(-1, 1) * cfg.bend_curvature_change_per_mm * UM_PER_UNIT / 1000
+    k1 = k1 / (100 / UM_PER_UNIT)
     half = np.abs(xyz[:, 0]).max() + 1e-3
     s = np.linspace(-half, half, cfg.bend_grid_size | 1)
     th = k0 * s + 0.5 * k1 * s**2
@@ -170,7 +173,10 @@ def main():
     print(f"sources: {what}; P={bank.num_points}, Q={q}; {jax.devices()[0].platform} "
           f"({os.cpu_count()} cores); median of {REPEATS} repeats, compile/warm-up excluded")
     print("worms = 2 x pairs (template + test copy)")
-    header = f"{'batch (pairs)':>13} {'worms':>6} {'jax worms/s':>12} {'numpy worms/s':>14} {'speedup':>8}"
+    header = (
+        f"{'batch (pairs)':>13} {'worms':>6} {'jax worms/s':>12} {'numpy worms/s':>14} "
+        f"{'speedup':>8}"
+    )
     print(header)
     print("-" * len(header))
     result = {}
@@ -178,7 +184,9 @@ def main():
         key = jax.random.key(0)
         jax.block_until_ready(make_pair_batch(key, bank, b, cfg))  # compile + warm-up
         t_jax = _median_time(
-            lambda i, b=b: jax.block_until_ready(make_pair_batch(jax.random.key(i + 1), bank, b, cfg))
+            lambda i, b=b: jax.block_until_ready(
+                make_pair_batch(jax.random.key(i + 1), bank, b, cfg)
+            )
         )
         np_reps = REPEATS if b <= 256 else 3
         np_make_pair_batch(rng, np_sources, 8, cfg, q)  # warm-up

@@ -35,7 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.val_lab = "NP"  # Hold out this whole lab for validation ("" → val_fraction).
     config.data.val_fraction = 0.15  # Fraction of sources held out when val_lab is "".
     config.data.split_seed = 0  # Seed of the val_fraction split.
-    config.data.num_points = 0  # Slots per source worm (0: max N rounded up to 16).
+    # Training sources are grouped into banks of these sizes (points; the largest worm sets the
+    # last): a step draws its pairs from one bank, so small worms do not pay for padding.
+    config.data.source_buckets = (128,)
     config.data.val_pairs = 1024  # Size of the fixed held-out semi-synthetic validation set.
 
     config.train = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""A CPU-sized model: trains on 2 CPU cores in ≤ 30 min to a useful matcher.
+"""A CPU-sized model (~0.2 M parameters) for training on 2 CPU cores in well under an hour.
 
 Command:
   fdnc-train --config=configs/small.py --workdir=runs/small \
@@ -13,13 +13,15 @@ from fdnc_jax.train.config_files import get_config as _load
 def get_config():
     config = _load(pathlib.Path(__file__).with_name("default.py"))
     config.model.width = 64
-    config.model.layers = 4
-    config.model.heads = 4
+    config.model.layers = 3
+    config.model.heads = 2  # On CPU the [B, H, L, L] softmax dominates: 2 heads cost ~half of 4.
     config.model.ff_width = 256
+    config.model.dropout = 0.0  # Endless simulated data: no overfitting to regularise against.
     config.data.val_pairs = 256
-    config.train.steps = 6000
-    config.train.batch_size = 32
+    config.train.steps = 4000
+    config.train.batch_size = 16
     config.train.learning_rate = 5e-4
+    config.train.log_every = 25
     config.train.eval_every = 250
     config.train.checkpoint_every = 250
     config.train.plateau_patience = 4

@@ -3,10 +3,11 @@
 Letters: B batch of test worms, N template neurons, M test neurons, K top-k candidates.
 
 The forward pass is jitted once per size bucket: N and M are padded up to the next size in
-``SIZE_BUCKETS`` (masks keep padding inert) and ``predict_batch`` pads the batch to a fixed chunk, so a
-recording of thousands of volumes compiles a handful of times, never once per volume. The one-to-one
-assignment (Hungarian), the optional color term, top-k and thresholds run on the host
-(``fdnc_jax.matching``).
+``SIZE_BUCKETS`` (masks keep padding inert) and ``predict_batch`` pads the batch to a power of
+two ≤ ``BATCH_CHUNK`` (fewer on CPU), so a recording of thousands of volumes compiles a handful
+of times, never once per volume. The template is sent once per chunk, unbatched, and broadcast
+inside the compiled forward. The one-to-one assignment (Hungarian), the optional color term,
+top-k and thresholds run on the host (``fdnc_jax.matching``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ from fdnc_jax.io import atomic_write
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.worm import Worm, to_model_units
 
-SIZE_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024)
-BATCH_CHUNK = 32  # predict_batch pads the batch dimension to this many volumes (fewer for small B).
+# Steps of 32 up to 256 (heads have ~100–200 neurons: padding adds at most ~15 % tokens), coarser
+# above. The forward's cost grows with N + M, so a finer grid trades compiles for speed.
+SIZE_BUCKETS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
+BATCH_CHUNK = 32  # predict_batch runs at most this many volumes per call (a power of two ≤ it).
+# On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
+# page-faulted afresh on every call. There the chunk keeps its largest activation under this size.
+CPU_CHUNK_BYTES = 8 << 20
 
 
 def bucket_size(n: int, what: str = "worm") -> int:
@@ -117,6 +123,11 @@ def _compiled_forward(model: Model):
     """A jitted forward for ``model``; jax caches one executable per input shape (bucket)."""
 
     def forward(params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color):
+        # One template ([N, 3], [N], [N, C]) for the whole batch of tests ([B, M, ...]).
+        b = s_xyz.shape[0]
+        t_xyz, t_mask = (jnp.broadcast_to(x, (b,) + x.shape) for x in (t_xyz, t_mask))
+        if t_color is not None:
+            t_color = jnp.broadcast_to(t_color, (b,) + t_color.shape)
         return model.module(params)(t_xyz, t_mask, s_xyz, s_mask, t_color, s_color)
 
     return jax.jit(forward)
@@ -143,9 +154,14 @@ def _model_inputs(worm: Worm, size: int, n_color: int) -> tuple[np.ndarray, ...]
     return _pad(xyz, size), mask, color
 
 
-def _check_inputs(model: Model, template: Worm, tests: Sequence[Worm], use_color, top_k, min_probability):
+def _check_inputs(
+    model: Model, template: Worm, tests: Sequence[Worm], use_color, top_k, min_probability
+):
     if not isinstance(model, Model):
-        raise TypeError(f"model must be a fdnc_jax Model (load_pretrained/load_checkpoint), got {type(model).__name__}")
+        raise TypeError(
+            "model must be a fdnc_jax Model (load_pretrained/load_checkpoint), got "
+            f"{type(model).__name__}"
+        )
     if not isinstance(template, Worm):
         raise TypeError(f"template must be a Worm, got {type(template).__name__}")
     for i, t in enumerate(tests):
@@ -169,51 +185,67 @@ def _check_inputs(model: Model, template: Worm, tests: Sequence[Worm], use_color
                 raise ValueError(f"use_color=True but test worm {i} has no color")
             if t.color.shape[1] != template.color.shape[1]:
                 raise ValueError(
-                    f"color channel counts differ: template has {template.color.shape[1]}, test worm "
-                    f"{i} has {t.color.shape[1]}"
+                    f"color channel counts differ: template has {template.color.shape[1]}, "
+                    f"test worm {i} has {t.color.shape[1]}"
                 )
     if model.uses_color and not both_color:
         raise ValueError("this model takes color as input: template and test worms need color")
     return bool(use_color)
 
 
+def _max_chunk(model: Model, n_bucket: int, m_bucket: int) -> int:
+    """Most volumes per forward call: BATCH_CHUNK, or on CPU what fits CPU_CHUNK_BYTES (≥ 1)."""
+    if jax.default_backend() != "cpu":
+        return BATCH_CHUNK
+    tokens = n_bucket + m_bucket
+    cfg = model.config
+    per_volume = 4 * tokens * max(cfg.heads * tokens, cfg.ff_width)  # float32 scores or FF hidden.
+    fit = max(CPU_CHUNK_BYTES // per_volume, 1)
+    return min(BATCH_CHUNK, 1 << (fit.bit_length() - 1))
+
+
+def _chunk_size(n: int, limit: int) -> int:
+    """The batch a chunk of ``n`` tests is padded to: the next power of two, ≤ ``limit``."""
+    return min(limit, 1 << max(n - 1, 0).bit_length())
+
+
 def _log_probs(model: Model, template: Worm, tests: Sequence[Worm]) -> list[np.ndarray]:
     """Network log-probs [M_i, N + 1] per test worm (unpadded), batched per bucket."""
     n_color = model.config.color_features
     n_bucket = bucket_size(template.n, "template")
-    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, n_color)
-    forward = _compiled_forward(model)
-    out: list[np.ndarray | None] = [None] * len(tests)
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tests):
         groups.setdefault(bucket_size(t.n, f"test worm {i}"), []).append(i)
-    chunk = BATCH_CHUNK if len(tests) > 1 else 1
+    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, n_color)
+    forward = _compiled_forward(model)
+    out: list[np.ndarray | None] = [None] * len(tests)
+
+    def fetch(part: list[int], lp_device: jax.Array) -> None:
+        lp = np.asarray(lp_device)  # [b, M_bucket, N_bucket + 1]
+        for j, i in enumerate(part):
+            m = tests[i].n
+            out[i] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
+
+    pending: tuple[list[int], jax.Array] | None = None
     for m_bucket, idx in groups.items():
-        for start in range(0, len(idx), chunk):
-            part = idx[start : start + chunk]
-            inputs = [_model_inputs(tests[i], m_bucket, n_color) for i in part]
-            pad = chunk - len(part)
-            s_xyz = np.stack([x for x, _, _ in inputs] + [np.zeros_like(inputs[0][0])] * pad)
-            s_mask = np.stack([m for _, m, _ in inputs] + [np.zeros_like(inputs[0][1])] * pad)
-            s_color = (
-                np.stack([c for _, _, c in inputs] + [np.zeros_like(inputs[0][2])] * pad)
-                if n_color
-                else None
-            )
-            b = chunk
-            lp = forward(
-                model.params,
-                jnp.broadcast_to(t_xyz, (b,) + t_xyz.shape),
-                jnp.broadcast_to(t_mask, (b,) + t_mask.shape),
-                s_xyz,
-                s_mask,
-                None if t_color is None else jnp.broadcast_to(t_color, (b,) + t_color.shape),
-                s_color,
-            )
-            lp = np.asarray(lp)  # [b, M_bucket, N_bucket + 1]
+        limit = _max_chunk(model, n_bucket, m_bucket)
+        for start in range(0, len(idx), limit):
+            part = idx[start : start + limit]
+            b = _chunk_size(len(part), limit)
+            s_xyz = np.zeros((b, m_bucket, 3), np.float32)
+            s_mask = np.zeros((b, m_bucket), bool)
+            s_color = np.zeros((b, m_bucket, t_color.shape[-1]), np.float32) if n_color else None
             for j, i in enumerate(part):
-                m = tests[i].n
-                out[i] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
+                s_xyz[j], s_mask[j], c = _model_inputs(tests[i], m_bucket, n_color)
+                if n_color:
+                    s_color[j] = c
+            # Dispatch this chunk before fetching the previous one: host work overlaps the device.
+            lp_device = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color)
+            if pending is not None:
+                fetch(*pending)
+            pending = (part, lp_device)
+    if pending is not None:
+        fetch(*pending)
     return out  # type: ignore[return-value]
 
 

@@ -14,7 +14,13 @@ import fdnc_jax as fd
 from fdnc_jax import losses
 from fdnc_jax.checkpoint import CheckpointError, load_checkpoint
 from fdnc_jax.train.config_files import get_config
-from fdnc_jax.train.loop import train_and_evaluate
+from fdnc_jax.train.loop import (
+    bank_for_step,
+    bucketed_source_banks,
+    load_sources,
+    split_sources,
+    train_and_evaluate,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,12 +116,24 @@ def test_train_step_traced_once(tmp_path):
         traces.append(1)
         return real(*args)
 
+    config = tiny_config(steps=12, eval_every=6, log_every=3)
+    train, _ = split_sources(load_sources(config.data), config.data)
+    n_banks = len(bucketed_source_banks(train, config.data.source_buckets, use_color=False))
+    assert n_banks == 2  # the bundled worms span both size buckets: one trace per bank
     step_lib._loss_fn, saved = counting, real
     try:
-        train_and_evaluate(tiny_config(steps=12, eval_every=6, log_every=3), tmp_path)
+        train_and_evaluate(config, tmp_path)
     finally:
         step_lib._loss_fn = saved
-    assert len(traces) == 1
+    assert len(traces) == n_banks
+
+
+def test_bank_schedule_is_deterministic_and_proportional():
+    weights = np.array([0.75, 0.25])
+    picks = [bank_for_step(s, weights, seed=0) for s in range(4000)]
+    assert picks == [bank_for_step(s, weights, seed=0) for s in range(4000)]
+    assert abs(np.mean(picks) - 0.25) < 0.03
+    assert picks != [bank_for_step(s, weights, seed=1) for s in range(4000)]
 
 
 def test_corrupt_checkpoint_names_path(tmp_path):
@@ -142,7 +160,13 @@ def test_incompatible_config_on_resume(tmp_path):
 _DP_SCRIPT = """
 import json, sys, jax
 from fdnc_jax.train.config_files import get_config
-from fdnc_jax.train.loop import train_and_evaluate
+from fdnc_jax.train.loop import (
+    bank_for_step,
+    bucketed_source_banks,
+    load_sources,
+    split_sources,
+    train_and_evaluate,
+)
 config = get_config(sys.argv[1])
 config.train.steps = 4
 config.train.log_every = 4

@@ -49,7 +49,6 @@ def main(argv):
     from fdnc_jax.metrics import name_accuracy
 
     try:
-        model = fd.load_checkpoint(FLAGS.checkpoint) if FLAGS.checkpoint else fd.load_pretrained(FLAGS.weights)
         if FLAGS.demo:
             template, test = fd.load_demo_pair()
             tests, test_paths = [test], [Path("demo_test")]
@@ -64,6 +63,11 @@ def main(argv):
         if FLAGS.mirrored_test:
             tests = [t.replace(mirrored=True) for t in tests]
         use_color = {"auto": None, "true": True, "false": False}[FLAGS.use_color]
+        model = (
+            fd.load_checkpoint(FLAGS.checkpoint)
+            if FLAGS.checkpoint
+            else fd.load_pretrained(FLAGS.weights)
+        )
         preds = fd.predict_batch(
             model, template, tests, use_color=use_color, color_weight=FLAGS.color_weight,
             top_k=FLAGS.top_k, min_probability=FLAGS.min_probability,

@@ -5,8 +5,8 @@ Q = P + R slots of a synthetic copy, C color channels.
 
 A pair is two independent semi-synthetic copies (template, test) of one real source worm, so the
 identity of every surviving neuron is known: ``target[b, m]`` is the template slot holding the same
-source neuron as test point m, −1 when that neuron was dropped from the template, −2 for an outlier and
-−3 for an empty slot.
+source neuron as test point m, −1 when that neuron was dropped from the template, −2 for an outlier
+and −3 for an empty slot.
 
 Example:
   >>> bank = make_source_bank([fd.load_worm(p) for p in paths])  # doctest: +SKIP
@@ -56,7 +56,8 @@ def make_source_bank(
     Args:
       worms: the source worms (µm; mirrored ones are mirrored by ``to_model_units``).
       num_points: P, slots per worm; default: the largest worm rounded up to a multiple of 16.
-      use_color: carry per-neuron colors, normalised over the first 3 channels (every worm needs ≥ 3).
+      use_color: carry per-neuron colors, normalised over the first 3 channels (every worm needs ≥
+      3).
 
     Returns:
       SourceBank with xyz [S, P, 3] model units, mask [S, P], color [S, P, 3] or None.
@@ -77,7 +78,9 @@ def make_source_bank(
         raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
     num_points = int(num_points)
     if num_points < MIN_NEURONS:
-        raise ValueError(f"num_points={num_points} is too small: a worm needs ≥ {MIN_NEURONS} slots")
+        raise ValueError(
+            f"num_points={num_points} is too small: a worm needs ≥ {MIN_NEURONS} slots"
+        )
     s = len(worms)
     xyz = np.zeros((s, num_points, 3), np.float32)
     mask = np.zeros((s, num_points), bool)
@@ -105,14 +108,13 @@ def make_source_bank(
 
 def _jitter_color(key: Array, color: Array, cfg: SimConfig) -> Array:
     """Multiplicative per-channel (and optional per-neuron) color jitter, rows renormalised."""
-    c_key, n_key = jax.random.split(key)
-    channel = 1.0 + jax.random.uniform(
-        c_key, (color.shape[-1],), minval=-cfg.color_jitter, maxval=cfg.color_jitter
-    )  # [C]
+    q, c = color.shape
+    per_neuron = cfg.color_neuron_jitter > 0
+    u = jax.random.uniform(key, (c + (q * c if per_neuron else 0),))
+    channel = 1.0 + (2.0 * u[:c] - 1.0) * cfg.color_jitter  # [C]
     out = color * channel[None, :]
-    if cfg.color_neuron_jitter > 0:
-        v = cfg.color_neuron_jitter
-        out = out * (1.0 + jax.random.uniform(n_key, color.shape, minval=-v, maxval=v))
+    if per_neuron:
+        out = out * (1.0 + (2.0 * u[c:].reshape(q, c) - 1.0) * cfg.color_neuron_jitter)
     out = out / jnp.maximum(jnp.sum(out, axis=1, keepdims=True), _COLOR_FLOOR)
     return jnp.maximum(out, _COLOR_FLOOR)
 
@@ -133,14 +135,14 @@ def _synthesize(
     mask = jnp.concatenate([mask, jnp.zeros((r,), bool)])
     labels = jnp.concatenate([labels, jnp.full((r,), PADDING, jnp.int32)])
     src_mask = mask
-    ks = jax.random.split(key, 12)
+    ks = jax.random.split(key, 13)
     cloud = (xyz, mask, labels)
     if straighten_first:
         cloud = T.straighten(None, *cloud, cfg)
     cloud = T.smooth_warp(ks[0], *cloud, cfg)
     cloud = T.rotate_yz(ks[1], *cloud, cfg)
     lo, hi = cfg.p_drop
-    rate = jax.random.uniform(ks[2], (), minval=lo, maxval=hi)
+    rate = jax.random.uniform(ks[2], (), minval=lo, maxval=hi)  # shared by drop and outliers
     cloud = T.drop_points(ks[3], *cloud, cfg, rate=rate)
     cloud = T.add_outliers(ks[4], *cloud, cfg, rate=rate)
     cloud = T.random_bend(ks[5], *cloud, cfg)
@@ -152,10 +154,10 @@ def _synthesize(
     xyz, mask, labels = T.shuffle(ks[10], *cloud, cfg)
     if color is not None:
         color = jnp.concatenate([color, jnp.zeros((r, color.shape[1]), color.dtype)])  # [Q, C]
-        c_key, o_key = jax.random.split(ks[11])
+        c_key, o_key = ks[11], ks[12]
         # Outliers borrow the color of a random source neuron (donor j for the j-th outlier slot).
         is_out = cloud[2] == OUTLIER  # [Q]
-        donors = T._select_valid(jax.random.uniform(o_key, (max(r, 1),)), src_mask)  # [R]
+        donors = T.select_valid(jax.random.uniform(o_key, (max(r, 1),)), src_mask)  # [R]
         out_rank = jnp.clip(jnp.cumsum(is_out.astype(jnp.int32)) - 1, 0, max(r, 1) - 1)  # [Q]
         color = jnp.where(is_out[:, None], color[donors[out_rank]], color)
         color = _jitter_color(c_key, color, cfg)
@@ -174,15 +176,16 @@ def synthesize(
 
     Order (the original's, with the bend applied where it re-bent onto a centerline): [straighten] →
     smooth_warp → rotate_yz (+ yz shear) → drop_points → add_outliers → random_bend → scale →
-    shear_xy → rotate_xy → jitter → recenter → shuffle. The drop probability p ~ U(p_drop) is shared by
-    drop_points and add_outliers (k < min(max_outliers, n·p)). Empty slots come back zeroed.
+    shear_xy → rotate_xy → jitter → recenter → shuffle. The drop probability p ~ U(p_drop) is
+    shared by drop_points and add_outliers (k < min(max_outliers, n·p)). Empty slots come back
+    zeroed.
 
     Args:
       key: PRNG key.
       xyz: [P, 3] float32 source positions, model units.
       mask: [P] bool, valid source slots.
-      color: optional [P, C] normalised colors (carried; outliers borrow a random neuron's color; per
-        channel multiplicative jitter, rows renormalised).
+      color: optional [P, C] normalised colors (carried; outliers borrow a random neuron's
+        color; per-channel multiplicative jitter, rows renormalised).
       cfg: the SimConfig (static).
 
     Returns:
@@ -207,39 +210,53 @@ def template_targets(template_labels: Array, test_labels: Array, num_sources: in
       negative code (−2 outlier, −3 empty) otherwise.
     """
     n = template_labels.shape[0]
-    idx = jnp.where(template_labels >= 0, template_labels, num_sources)  # [N], out of range → dropped
+    # [N] source index; out of range (→ dropped by the scatter) for outliers and empty slots.
+    idx = jnp.where(template_labels >= 0, template_labels, num_sources)
     inverse = jnp.full((num_sources,), UNLABELLED, jnp.int32)
     inverse = inverse.at[idx].set(jnp.arange(n, dtype=jnp.int32), mode="drop")  # [P]
     found = inverse[jnp.clip(test_labels, 0, num_sources - 1)]  # [M]
     return jnp.where(test_labels >= 0, found, test_labels).astype(jnp.int32)
 
 
-def _one_pair(key: Array, xyz: Array, mask: Array, color: Array | None, cfg: SimConfig):
+def _one_pair(
+    key: Array, xyz: Array, mask: Array, color: Array | None, cfg: SimConfig, straighten: bool
+) -> PairBatch:
+    """Two independent copies of one source and the test → template correspondence."""
     p = xyz.shape[0]
-    if cfg.straighten_sources:
-        xyz = T.straighten(None, xyz, mask, jnp.zeros((p,), jnp.int32), cfg)[0]
+    if straighten:
+        xyz = _straighten(xyz, mask, cfg)
     k_tmpl, k_test = jax.random.split(key)
     t_xyz, t_mask, t_lab, t_col = _synthesize(k_tmpl, xyz, mask, color, cfg, False)
     s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, xyz, mask, color, cfg, False)
-    target = template_targets(t_lab, s_lab, p)
     return PairBatch(
         template_xyz=t_xyz,
         template_mask=t_mask,
         test_xyz=s_xyz,
         test_mask=s_mask,
-        target=target,
+        target=template_targets(t_lab, s_lab, p),
         template_color=t_col,
         test_color=s_col,
     )
 
 
+def _straighten(xyz: Array, mask: Array, cfg: SimConfig) -> Array:
+    return T.straighten(None, xyz, mask, jnp.zeros(mask.shape, jnp.int32), cfg)[0]
+
+
 def _pair_batch(key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig) -> PairBatch:
     src_key, pair_key = jax.random.split(key)
-    index = jax.random.randint(src_key, (batch_size,), 0, sources.xyz.shape[0])  # [B]
+    num_sources = sources.xyz.shape[0]
+    index = jax.random.randint(src_key, (batch_size,), 0, num_sources)  # [B]
     keys = jax.random.split(pair_key, batch_size)
+    bank_xyz = sources.xyz
+    # Straighten whichever is fewer: the whole bank once, or the B chosen sources.
+    straighten_bank = cfg.straighten_sources and num_sources < batch_size
+    if straighten_bank:
+        bank_xyz = jax.vmap(lambda x, m: _straighten(x, m, cfg))(bank_xyz, sources.mask)
+    per_pair = cfg.straighten_sources and not straighten_bank
     color = None if sources.color is None else sources.color[index]
-    pair = lambda k, x, m, c: _one_pair(k, x, m, c, cfg)
-    return jax.vmap(pair)(keys, sources.xyz[index], sources.mask[index], color)
+    pair = lambda k, x, m, c: _one_pair(k, x, m, c, cfg, per_pair)
+    return jax.vmap(pair)(keys, bank_xyz[index], sources.mask[index], color)
 
 
 _pair_batch_jit = jax.jit(_pair_batch, static_argnames=("batch_size", "cfg"))
@@ -250,7 +267,8 @@ def make_pair_batch(
 ) -> PairBatch:
     """A batch of semi-synthetic (template, test) pairs: 2 · batch_size synthetic worms.
 
-    Each pair takes a source uniformly at random and synthesizes two independent copies (``synthesize``).
+    Each pair takes a source uniformly at random and synthesizes two independent copies
+    (``synthesize``).
     Jitted once per (batch_size, S, P, cfg); same key → same batch. Callable inside another jit.
 
     Args:

@@ -1,4 +1,4 @@
-"""Semi-synthetic worm transforms: pure functions of ONE worm, lifted over a batch with ``jax.vmap``.
+"""Semi-synthetic worm transforms: pure functions of ONE worm, batched with ``jax.vmap``.
 
 Letters: P padded slots of one worm, C color channels, K warp bumps, G centerline grid samples,
 Q candidate outliers, D polynomial degree + 1.
@@ -8,9 +8,9 @@ Every transform has the signature ``f(key, xyz, mask, labels, cfg) -> (xyz, mask
   mask: [P] bool, which slots hold a point.
   labels: [P] int32, source neuron index (≥ 0), −2 outlier, −3 empty slot.
   cfg: a ``SimConfig`` (static under jit).
-Arrays keep their size; transforms never reorder slots except ``shuffle`` (use ``shuffle_order`` with
-the same key to permute per-point data such as color). Empty slots are inert: nothing valid depends on
-their content. Deterministic transforms (``straighten``, ``recenter``) ignore ``key``.
+Arrays keep their size; transforms never reorder slots except ``shuffle`` (use ``shuffle_order``
+with the same key to permute per-point data such as color). Empty slots are inert: nothing valid
+depends on their content. Deterministic transforms (``straighten``, ``recenter``) ignore ``key``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ Array = jax.Array
 Cloud = tuple[Array, Array, Array]
 
 UM_PER_UNIT = UM_PER_PX * MODEL_SCALE_PX  # 84 µm per model unit.
-_EPS = 1e-9
 
 
 def um_to_units(um: float) -> float:
@@ -58,7 +57,7 @@ def masked_mean(x: Array, mask: Array) -> Array:
 
 
 def _order_key(x: Array) -> Array:
-    """Maps float32 to int32 with the same order (sorting int32 is much faster than float on CPU)."""
+    """Maps float32 to int32 keys with the same order (int sorts are much faster on CPU)."""
     i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
     return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
@@ -89,7 +88,15 @@ def masked_median(x: Array, mask: Array) -> Array:
     return jnp.where(n > 0, med, jnp.zeros_like(med))
 
 
-def _select_valid(u: Array, mask: Array) -> Array:
+def _bounding_box(xyz: Array, mask: Array) -> tuple[Array, Array]:
+    """Per-axis min and max of the valid points: two [3] arrays (0 when there are none)."""
+    lo = jnp.min(jnp.where(mask[:, None], xyz, jnp.inf), axis=0)
+    hi = jnp.max(jnp.where(mask[:, None], xyz, -jnp.inf), axis=0)
+    none = ~jnp.any(mask)
+    return jnp.where(none, 0.0, lo), jnp.where(none, 0.0, hi)
+
+
+def select_valid(u: Array, mask: Array) -> Array:
     """Maps uniforms to uniformly chosen valid slots (the ⌊u·n⌋-th valid slot).
 
     Args:
@@ -107,7 +114,7 @@ def _select_valid(u: Array, mask: Array) -> Array:
 
 
 def _apply_linear(xyz: Array, m: Array) -> Array:
-    """x ↦ M x for every row ([P, 3] @ [3, 3]ᵀ, written as broadcasts: far faster under vmap on CPU)."""
+    """x ↦ M x for every row: [P, 3] @ [3, 3]ᵀ as broadcasts (far faster under vmap on CPU)."""
     return (
         xyz[:, 0:1] * m[None, :, 0] + xyz[:, 1:2] * m[None, :, 1] + xyz[:, 2:3] * m[None, :, 2]
     )
@@ -121,9 +128,24 @@ def _sq_dist(a: Array, b: Array, dims: int = 3) -> Array:
     return d
 
 
-def _uniform(key: Array, shape: tuple[int, ...], v: float) -> Array:
-    """U(−v, v) samples."""
-    return jax.random.uniform(key, shape, minval=-v, maxval=v)
+def _draw(key: Array, n: int) -> Array:
+    """[n] U(0, 1) draws.
+
+    Each transform makes exactly one draw and slices it: on CPU every threefry call is a small while
+    loop whose fixed cost dominates, so fewer, larger calls are much faster.
+    """
+    return jax.random.uniform(key, (n,))
+
+
+def _sym(u: Array, v: float) -> Array:
+    """Maps U(0, 1) draws to U(−v, v)."""
+    return (2.0 * u - 1.0) * v
+
+
+def _normal(u: Array) -> Array:
+    """Maps U(0, 1) draws to N(0, 1) (inverse CDF, as ``jax.random.normal``)."""
+    lo = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
+    return jnp.sqrt(2.0) * jax.scipy.special.erfinv(jnp.clip(2.0 * u - 1.0, lo, 1.0 - 1e-7))
 
 
 def _rot_x(theta: Array) -> Array:
@@ -158,8 +180,10 @@ def _polyfit(x: Array, y: Array, mask: Array, degree: int) -> Array:
     Returns:
       [P, E] the fitted values at every x.
     """
-    # [P, D] Vandermonde matrix, columns 1, x, x², ...
-    v = x[:, None] ** jnp.arange(degree + 1, dtype=x.dtype)[None, :]
+    powers = [jnp.ones_like(x)]
+    for _ in range(degree):  # over powers, not points
+        powers.append(powers[-1] * x)
+    v = jnp.stack(powers, axis=1)  # [P, D] Vandermonde matrix: 1, x, x², ...
     vw = jnp.where(mask[:, None], v, 0.0)  # [P, D]
     a = vw.T @ vw  # [D, D]
     a = a + 1e-6 * jnp.trace(a) / (degree + 1) * jnp.eye(degree + 1, dtype=x.dtype)
@@ -174,9 +198,9 @@ def _polyfit(x: Array, y: Array, mask: Array, degree: int) -> Array:
 def straighten(key: Array | None, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) -> Cloud:
     """Straightens a worm without a centerline (deterministic; ``key`` is ignored).
 
-    Rotates about z so the principal axis of the valid points in xy lies on +x (no reflection), centres
-    x at the points' mean, fits y(x) and z(x) by masked least squares with a polynomial of degree
-    ``cfg.straighten_degree`` and subtracts it: the points then lie around the x axis.
+    Rotates about z so the principal axis of the valid points in xy lies on +x (no reflection),
+    centres x at the points' mean, fits y(x) and z(x) by masked least squares with a polynomial of
+    degree ``cfg.straighten_degree`` and subtracts it: the points then lie around the x axis.
 
     Args:
       key: unused (any value, or None).
@@ -220,10 +244,10 @@ def random_bend(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConf
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    k0_key, k1_key = jax.random.split(key)
+    u = _draw(key, 2)
     per_mm = UM_PER_UNIT / 1000.0  # 1/mm → 1/unit
-    k0 = _uniform(k0_key, (), cfg.bend_curvature_per_mm) * per_mm
-    k1 = _uniform(k1_key, (), cfg.bend_curvature_change_per_mm) * per_mm / um_to_units(100.0)
+    k0 = _sym(u[0], cfg.bend_curvature_per_mm) * per_mm
+    k1 = _sym(u[1], cfg.bend_curvature_change_per_mm) * per_mm / um_to_units(100.0)
     x, y = xyz[:, 0], xyz[:, 1]
     half = jnp.max(jnp.where(mask, jnp.abs(x), 0.0)) + 1e-3
     g = cfg.bend_grid_size | 1  # odd: s = 0 is a grid point
@@ -248,9 +272,10 @@ def random_bend(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConf
 def smooth_warp(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) -> Cloud:
     """Adds a random smooth displacement field: a sum of Gaussian bumps (the form of a CPD morph).
 
-    ``cfg.warp_num_bumps`` bumps of width ``warp_length_um`` are centred on randomly chosen valid
-    points, each with a N(0, 1) displacement vector; the field is normalised so that its expected
-    per-axis RMS over the valid points is ``warp_amplitude_um``.
+    ``cfg.warp_num_bumps`` bumps of width ``warp_length_um`` are centred uniformly in the valid
+    points' bounding box, each with a N(0, 1) displacement vector; the field is scaled so that its
+    RMS per axis over the valid points is exactly ``warp_amplitude_um`` (the direction pattern is
+    random, the size is not).
 
     Args:
       key: PRNG key.
@@ -262,16 +287,19 @@ def smooth_warp(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConf
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    c_key, w_key = jax.random.split(key)
     k = cfg.warp_num_bumps
-    centres = xyz[_select_valid(jax.random.uniform(c_key, (k,)), mask)]  # [K, 3]
-    weights = jax.random.normal(w_key, (k, 3))  # [K, 3]
+    u = _draw(key, 6 * k).reshape(2, k, 3)
+    lo, hi = _bounding_box(xyz, mask)
+    centres = lo[None, :] + u[0] * (hi - lo)[None, :]  # [K, 3]
+    weights = _normal(u[1])  # [K, 3]
+    # Materialise: otherwise XLA recomputes the random draws for every (point, bump) pair.
+    centres, weights = jax.lax.optimization_barrier((centres, weights))
     ell = um_to_units(cfg.warp_length_um)
     d2 = _sq_dist(xyz, centres)  # [P, K]
     g = jnp.exp(-0.5 * d2 / ell**2)  # [P, K]
     field = g @ weights  # [P, 3]
-    norm = jnp.sqrt(masked_mean(jnp.sum(g * g, axis=1, keepdims=True), mask)[0])
-    field = field * (um_to_units(cfg.warp_amplitude_um) / jnp.maximum(norm, 1e-6))
+    rms = jnp.sqrt(jnp.mean(masked_mean(field * field, mask)))
+    field = field * (um_to_units(cfg.warp_amplitude_um) / jnp.maximum(rms, 1e-12))
     return jnp.where(mask[:, None], xyz + field, xyz), mask, labels
 
 
@@ -288,9 +316,9 @@ def rotate_yz(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    t_key, s_key = jax.random.split(key)
-    theta = _uniform(t_key, (), cfg.rotate_yz_max)
-    a, b = _uniform(s_key, (2,), cfg.shear_yz)
+    u = _draw(key, 3)
+    theta = _sym(u[0], cfg.rotate_yz_max)
+    a, b = _sym(u[1], cfg.shear_yz), _sym(u[2], cfg.shear_yz)
     shear = jnp.eye(3).at[1, 2].set(a).at[2, 1].set(b)
     return _apply_linear(xyz, shear @ _rot_x(theta)), mask, labels
 
@@ -308,7 +336,7 @@ def rotate_xy(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    theta = _uniform(key, (), cfg.rotate_xy_max)
+    theta = _sym(_draw(key, 1)[0], cfg.rotate_xy_max)
     return _apply_linear(xyz, _rot_z(theta)), mask, labels
 
 
@@ -325,7 +353,7 @@ def scale(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) ->
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    factors = 1.0 + _uniform(key, (3,), cfg.scale)  # [3]
+    factors = 1.0 + _sym(_draw(key, 3), cfg.scale)  # [3]
     return xyz * factors[None, :], mask, labels
 
 
@@ -342,7 +370,7 @@ def shear_xy(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig)
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
     """
-    a, b = _uniform(key, (2,), cfg.shear_xy)
+    a, b = _sym(_draw(key, 2), cfg.shear_xy)
     m = jnp.eye(3).at[0, 1].set(a).at[1, 0].set(b)
     return _apply_linear(xyz, m), mask, labels
 
@@ -357,8 +385,9 @@ def drop_points(
 ) -> Cloud:
     """Drops neurons: p ~ U(cfg.p_drop), each valid point kept with probability 1 − p.
 
-    At least ``cfg.min_points`` points are kept (or all, when the worm has fewer): when the draw keeps
-    too few, the first ``min_points`` valid slots are kept as well. Dropped slots become empty (mask False, label −3).
+    At least ``cfg.min_points`` points are kept (or all, when the worm has fewer): when the draw
+    keeps too few, the first ``min_points`` valid slots are kept as well. Dropped slots become empty
+    (mask False, label −3).
 
     Args:
       key: PRNG key.
@@ -372,11 +401,11 @@ def drop_points(
     Returns:
       (xyz [P, 3] unchanged, mask [P], labels [P]).
     """
-    p_key, u_key = jax.random.split(key)
+    u = _draw(key, mask.shape[0] + 1)
     if rate is None:
         lo, hi = cfg.p_drop
-        rate = jax.random.uniform(p_key, (), minval=lo, maxval=hi)
-    keep = mask & (jax.random.uniform(u_key, mask.shape) >= rate)  # [P]
+        rate = lo + u[-1] * (hi - lo)
+    keep = mask & (u[:-1] >= rate)  # [P]
     # Rare fallback (cheaper than a top-k on CPU): too few kept → also keep the first valid slots.
     short = jnp.sum(keep.astype(jnp.int32)) < cfg.min_points
     first = mask & (jnp.cumsum(mask.astype(jnp.int32)) <= cfg.min_points)  # [P]
@@ -394,12 +423,14 @@ def add_outliers(
 ) -> Cloud:
     """Adds false detections (label −2) into empty slots.
 
-    k ~ randint(max(1, min(max_outliers, ⌊n·rate⌋))) (numpy's exclusive upper bound, as the original),
-    n the number of valid points. ``cfg.outlier_candidates`` positions are drawn uniformly in the valid
-    points' bounding box grown by ``outlier_margin_px`` (for a straightened 200 px worm ~±50 px wide this
-    is the original box x ∈ [−50, 250], y, z ∈ [−60, 60] px); those closer than
-    ``outlier_min_dist_px`` in xy to a valid point are rejected and the first k accepted ones fill the
-    first empty slots. Fewer are added when there are not enough empty slots or accepted candidates.
+    k ~ randint(max(1, min(max_outliers, ⌊n·rate⌋))) (numpy's exclusive upper bound, as the
+    original),
+    n the number of valid points. ``cfg.outlier_candidates`` positions are drawn uniformly in the
+    valid points' bounding box grown by ``outlier_margin_px`` (for a straightened 200 px head ~±30
+    px thick this is the original box x ∈ [−50, 250], y, z ∈ [−60, 60] px); those closer than
+    ``outlier_min_dist_px`` in xy to a valid point are rejected and the first k accepted ones fill
+    the first empty slots. Fewer are added when there are not enough empty slots or accepted
+    candidates.
 
     Args:
       key: PRNG key.
@@ -415,22 +446,26 @@ def add_outliers(
     """
     if cfg.max_outliers == 0 or cfg.outlier_candidates == 0:
         return xyz, mask, labels
-    r_key, k_key, c_key = jax.random.split(key, 3)
+    q = cfg.outlier_candidates
+    draw = _draw(key, 3 * q + 2)
     if rate is None:
         lo, hi = cfg.p_drop
-        rate = jax.random.uniform(r_key, (), minval=lo, maxval=hi)
+        rate = lo + draw[-2] * (hi - lo)
     n = jnp.sum(mask.astype(jnp.int32))
     hi_k = jnp.maximum(1, jnp.minimum(cfg.max_outliers, jnp.floor(n * rate).astype(jnp.int32)))
-    k = jax.random.randint(k_key, (), 0, hi_k)
+    k = jnp.minimum(jnp.floor(draw[-1] * hi_k).astype(jnp.int32), hi_k - 1)  # randint(hi_k)
     margin = jnp.array([px_to_units(v) for v in cfg.outlier_margin_px])  # [3]
-    box_lo = jnp.min(jnp.where(mask[:, None], xyz, jnp.inf), axis=0) - margin  # [3]
-    box_hi = jnp.max(jnp.where(mask[:, None], xyz, -jnp.inf), axis=0) + margin  # [3]
-    q = cfg.outlier_candidates
-    u = jax.random.uniform(c_key, (q, 3))  # [Q, 3]
+    box_lo, box_hi = _bounding_box(xyz, mask)
+    box_lo, box_hi = box_lo - margin, box_hi + margin
+    u = draw[: 3 * q].reshape(q, 3)  # [Q, 3]
     cand = box_lo[None, :] + u * (box_hi - box_lo)[None, :]  # [Q, 3]
-    # [Q, P] squared xy distances from candidates to valid points.
-    d2 = jnp.where(mask[None, :], _sq_dist(cand, xyz, dims=2), jnp.inf)
-    accepted = jnp.min(d2, axis=1) >= px_to_units(cfg.outlier_min_dist_px) ** 2  # [Q]
+    # Materialise the candidates: otherwise XLA recomputes them for every (candidate, point) pair.
+    cand = jax.lax.optimization_barrier(cand)
+    # Empty slots moved far away (cheaper than masking the [P, Q] distances: XLA then fuses the
+    # distance computation into the min-reduction instead of materialising it).
+    far = jnp.where(mask[:, None], xyz, 1e4)  # [P, 3]
+    d2 = jnp.min(_sq_dist(far, cand, dims=2), axis=0)  # [Q] squared xy distance to the nearest
+    accepted = d2 >= px_to_units(cfg.outlier_min_dist_px) ** 2  # [Q]
     count = jnp.cumsum(accepted.astype(jnp.int32))  # [Q] accepted so far
     j = jnp.arange(cfg.max_outliers, dtype=jnp.int32)  # [R]
     # [R] index of the j-th accepted candidate, in draw order (compare-and-count: no scatter).
@@ -440,10 +475,9 @@ def add_outliers(
     free = ~mask
     rank = jnp.cumsum(free.astype(jnp.int32)) - 1  # [P] index among empty slots
     put = free & (rank < n_out)  # [P]
-    # [P, R] one-hot: empty slot of rank r receives outlier r.
-    onehot = ((rank[:, None] == j[None, :]) & put[:, None]).astype(xyz.dtype)
-    new = onehot[:, :, None] * points[None, :, :]  # [P, R, 3]
-    new_xyz = jnp.where(put[:, None], jnp.sum(new, axis=1), xyz)
+    # Empty slot of rank r receives outlier r.
+    new = points[jnp.clip(rank, 0, cfg.max_outliers - 1)]  # [P, 3]
+    new_xyz = jnp.where(put[:, None], new, xyz)
     return new_xyz, mask | put, jnp.where(put, OUTLIER, labels)
 
 

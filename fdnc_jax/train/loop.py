@@ -47,7 +47,12 @@ def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Wor
         n_val = max(1, int(round(len(worms) * data_cfg.val_fraction)))
         if n_val >= len(worms):
             raise ValueError(f"{len(worms)} source worms are too few to hold out {n_val} for validation")
-        order = np.random.default_rng(data_cfg.split_seed).permutation(len(worms))
+        # Deterministic, independent of file order: rank worms by a hash of their file name.
+        keys = [
+            _hash_uniform(data_cfg.split_seed, *str(w.meta.get("file", i)).encode())
+            for i, w in enumerate(worms)
+        ]
+        order = np.argsort(keys, kind="stable")
         val = [worms[i] for i in sorted(order[:n_val])]
         train = [worms[i] for i in sorted(order[n_val:])]
     if not train:
@@ -57,6 +62,44 @@ def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Wor
 
 def load_sources(data_cfg) -> list[Worm]:
     return [load_worm(p) for p in datasets.resolve_worm_files(data_cfg.sources)]
+
+
+def _round_up(n: int, multiple: int = 16) -> int:
+    return int(-(-n // multiple) * multiple)
+
+
+def bucketed_source_banks(
+    worms: Sequence[Worm], buckets: Sequence[int], use_color: bool
+) -> list[SourceBank]:
+    """Source banks grouped by size: each worm goes to the smallest bucket (points) that holds it.
+
+    Small worms padded to the size of the largest would spend most of the attention on padding; a
+    bank per size bucket keeps a step's cost close to its worms' real size (one compile per bucket).
+    With no buckets, one bank sized to the largest worm (rounded up to 16).
+    """
+    largest = max(w.n for w in worms)
+    sizes = sorted(int(b) for b in buckets if int(b) < largest) + [_round_up(largest)]
+    groups: dict[int, list[Worm]] = {}
+    for w in worms:
+        groups.setdefault(next(b for b in sizes if w.n <= b), []).append(w)
+    return [make_source_bank(groups[b], b, use_color=use_color) for b in sorted(groups)]
+
+
+def _hash_uniform(*values: int) -> float:
+    """A deterministic number in [0, 1) from integers (splitmix64): host-side scheduling only."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x / 2.0**64
+
+
+def bank_for_step(step: int, weights: np.ndarray, seed: int) -> int:
+    """Which source bank feeds ``step``: drawn ∝ bank size, a pure function of (seed, step) so that a
+    resumed run sees exactly the banks of an uninterrupted one."""
+    u = _hash_uniform(seed, step)
+    return int(min(np.searchsorted(np.cumsum(weights), u, side="right"), len(weights) - 1))
 
 
 def validation_batches(
@@ -134,18 +177,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices")
 
     train_worms, val_worms = split_sources(load_sources(config.data), config.data)
-    num_points = config.data.num_points or None
-    if num_points is None:
-        num_points = int(-(-max(w.n for w in train_worms + val_worms) // 16) * 16)
     use_color = model_cfg.color_features > 0
-    train_bank = make_source_bank(train_worms, num_points, use_color=use_color)
-    val_bank = make_source_bank(val_worms, num_points, use_color=use_color)
+    train_banks = bucketed_source_banks(train_worms, config.data.source_buckets, use_color)
+    bank_weights = np.array([b.num_sources for b in train_banks], np.float64)
+    bank_weights /= bank_weights.sum()
+    val_bank = make_source_bank(
+        val_worms, _round_up(max(w.n for w in val_worms)), use_color=use_color
+    )
     val_batches = validation_batches(
         val_bank, config.data.val_pairs, tcfg.batch_size, sim_cfg, config.seed + 1_000_003
     )
     logging.info(
-        "sources: %d training, %d validation worms, %d points per worm",
-        len(train_worms), len(val_worms), num_points,
+        "sources: %d training worms in banks of %s points, %d validation worms",
+        len(train_worms), [b.num_points for b in train_banks], len(val_worms),
     )
 
     model = Model.create(model_cfg, seed=config.seed)
@@ -168,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
-    train_bank = jax.device_put(train_bank, replicated)
+    train_banks = [jax.device_put(b, replicated) for b in train_banks]
     train_step = train_step_lib.make_train_step(model, tx, sim_cfg, tcfg.batch_size, batch_sharding)
     eval_step = train_step_lib.make_eval_step(model)
     root_key = jax.random.key(config.seed)
@@ -186,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step = start
     try:
         while step < tcfg.steps and not run["stopped_early"]:
-            state, metrics = train_step(state, train_bank, root_key)
+            bank = train_banks[bank_for_step(step, bank_weights, config.seed)]
+            state, metrics = train_step(state, bank, root_key)
             step += 1
             bar.update(1)
             is_last = step == tcfg.steps

@@ -1,0 +1,227 @@
+"""Inference speed: ``fdnc_jax.predict`` vs the original architecture in PyTorch (same CPU, sizes).
+
+Both sides use the paper-size model (6 layers, d 128, 8 heads, ff 2048; random weights: speed does
+not depend on them) and the same number of CPU threads (``torch.set_num_threads(n)``; XLA's CPU
+client sizes its intra-op pool to the cores this process may use, printed below).
+
+1. Single pair, end to end: two worm files (the bundled demo pair saved as .npz, 194 neurons each)
+   are loaded from disk, normalised, matched by the network, and assigned one-to-one by scipy's
+   Hungarian. JAX: exactly ``fdnc_jax.load_worm`` ×2 + ``fdnc_jax.predict(model, t, s)``. Torch:
+   the same loading and normalisation (``fdnc_jax.worm.to_model_units``), the forward in
+   ``torch.inference_mode()`` on the unpadded clouds, then the same host matching
+   (``fdnc_jax.matching.match``: Hungarian, softmax, top-5). Position only (no color term) on both
+   sides. The two are timed in alternating blocks, so background load hits both alike; the median
+   of ``ROUNDS`` runs each after warm-up is reported (and the minimum).
+2. Batched throughput (volumes/s) with 150-neuron synthetic clouds at batch 1, 16, 64, 256:
+   ``predict_batch`` (forward + host matching of every volume), the raw jitted forward alone, and
+   the torch forward alone.
+
+Notes from profiling on a 2-core AVX-512 Xeon (shared with other jobs):
+- The paper-size forward of ~400 tokens is ~3.2 GFLOP; both frameworks are compute-bound and run
+  it in ~40–60 ms, so no CPU implementation of the same fp32 model is 3x faster than torch here.
+- In the JAX forward at 224 + 224 tokens, attention (masked softmax over [8, 448, 448] per layer)
+  takes ~65 %, the 2048-wide feed-forward ~35 %; JAX pads 194 neurons to the 224 bucket (+15 %
+  tokens) where torch runs the exact size.
+- One jitted call of 16+ paper-size volumes is 2–3x slower per volume than batch 1 on CPU (tens of
+  MB of activations page-faulted on every call); ``predict_batch`` therefore runs small chunks on
+  CPU (``fdnc_jax.predict.CPU_CHUNK_BYTES``).
+
+Run (needs the ``bench`` extra, ``pip install -e .[bench]``):
+  python benchmarks/predict_bench.py
+The last line is ``predict single_pair_ms=<float> torch_ms=<float> speedup=<float>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# torch's OpenMP workers spin-wait by default: on a machine where another process holds a core,
+# that makes a 2-thread forward ~10x slower (measured here). Passive waiting keeps torch at its
+# normal speed under load; set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fdnc_jax as fd  # noqa: E402
+from fdnc_jax import matching  # noqa: E402
+from fdnc_jax.model.fdnc import ModelConfig  # noqa: E402
+from fdnc_jax.worm import to_model_units  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_reference import NITRegistration, count_params  # noqa: E402
+
+predict_mod = importlib.import_module("fdnc_jax.predict")  # The module; fd.predict is a function.
+
+ROUNDS = 30
+BLOCKS = 3
+WARMUP = 3
+BATCHES = (1, 16, 64, 256)
+BATCH_NEURONS = 150
+MIN_SECONDS = 2.0  # Per throughput cell: repeat until this much time (at least 2 runs).
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def synthetic(n: int, seed: int) -> fd.Worm:
+    rng = np.random.default_rng(seed)
+    return fd.Worm(xyz_um=rng.normal(size=(n, 3)) * np.array([30.0, 8.0, 6.0]) + 60.0)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def throughput(fn, batch: int) -> float:
+    """Volumes per second of ``fn`` (one call = ``batch`` volumes), after one warm-up call."""
+    fn()
+    times = []
+    while len(times) < 2 or sum(times) < MIN_SECONDS:
+        times.append(timed(fn))
+    return batch / statistics.median(times)
+
+
+def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
+    xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms]))
+    return xyz, torch.ones(xyz.shape[:2], dtype=torch.bool)
+
+
+def main() -> None:
+    n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(n_threads)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), CPU: {cpu_name()}")
+    print(f"threads: torch.get_num_threads()={torch.get_num_threads()} "
+          f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), XLA CPU pool = {n_threads} usable "
+          f"cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"jax {jax.__version__}, torch {torch.__version__}, load average {os.getloadavg()}")
+
+    model = fd.Model.create(ModelConfig())
+    net = NITRegistration().eval()
+    total, used = count_params(net)
+    print(f"params: ours {model.num_params:,}; torch {total:,} with the original's prototype layer "
+          f"(paper 4.15 M), {used:,} in its forward")
+
+    # ------------------------------------------------------------------ 1. single pair, end to end
+    template, test = fd.load_demo_pair()
+    with tempfile.TemporaryDirectory() as tmp:
+        t_path, s_path = Path(tmp) / "template.npz", Path(tmp) / "test.npz"
+        fd.save_worm(template, t_path)
+        fd.save_worm(test, s_path)
+
+        def jax_pair():
+            t, s = fd.load_worm(t_path), fd.load_worm(s_path)
+            return fd.predict(model, t, s, use_color=False)
+
+        def torch_pair():
+            t, s = fd.load_worm(t_path), fd.load_worm(s_path)
+            t_xyz, t_mask = torch_inputs([t])
+            s_xyz, s_mask = torch_inputs([s])
+            with torch.inference_mode():
+                lp = net(t_xyz, t_mask, s_xyz, s_mask)[0].numpy()
+            return matching.match(lp, top_k=5)
+
+        for _ in range(WARMUP):
+            jax_pair()
+            torch_pair()
+        jax_ms, torch_ms = [], []
+        for _ in range(BLOCKS):  # Alternating blocks: drifting background load hits both alike.
+            for fn, out in ((jax_pair, jax_ms), (torch_pair, torch_ms)):
+                fn()  # The other runtime's threads were busy last; let this one's pool wake.
+                out.extend(timed(fn) * 1e3 for _ in range(ROUNDS // BLOCKS))
+
+        # Where the JAX time goes (same pair, medians of ROUNDS).
+        t, s = fd.load_worm(t_path), fd.load_worm(s_path)
+        lp = predict_mod._log_probs(model, t, [s])[0]
+        parts = {
+            "load_worm x2": lambda: (fd.load_worm(t_path), fd.load_worm(s_path)),
+            "pad + forward + fetch": lambda: predict_mod._log_probs(model, t, [s]),
+            "host matching": lambda: matching.match(lp, top_k=5),
+        }
+        breakdown = {k: statistics.median(timed(f) * 1e3 for _ in range(ROUNDS // 2))
+                     for k, f in parts.items()}
+
+        pretrained = None  # (model, median ms) of the bundled weights, when shipped.
+        if (importlib.resources.files("fdnc_jax") / "data" / "fdnc_small.npz").is_file():
+            small = fd.load_pretrained()
+            run_small = lambda: fd.predict(small, fd.load_worm(t_path), fd.load_worm(s_path))
+            for _ in range(WARMUP):
+                run_small()
+            pretrained = small, statistics.median(timed(run_small) * 1e3 for _ in range(ROUNDS))
+
+    jax_med, torch_med = statistics.median(jax_ms), statistics.median(torch_ms)
+    print(f"\nsingle pair end to end ({template.n} + {test.n} neurons, buckets "
+          f"{predict_mod.bucket_size(template.n)}/{predict_mod.bucket_size(test.n)} for JAX; "
+          f"median of {ROUNDS}, alternating blocks)")
+    print("  jax breakdown: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown.items()))
+    if pretrained is not None:
+        print(f"  load_pretrained() model {pretrained[0].config}: end to end (color auto) "
+              f"{pretrained[1]:.1f} ms")
+    else:
+        print("  (no bundled fdnc_jax/data/fdnc_small.npz yet: load_pretrained() not timed)")
+
+    # ------------------------------------------------------------------ 2. batched throughput
+    b_template = synthetic(BATCH_NEURONS, 0)
+    worms = [synthetic(BATCH_NEURONS, 1 + i) for i in range(max(BATCHES))]
+    forward = predict_mod._compiled_forward(model)
+    size = predict_mod.bucket_size(BATCH_NEURONS)
+    t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, 0)
+    rows = []
+    for b in BATCHES:
+        tests = worms[:b]
+        s_xyz = np.stack([predict_mod._model_inputs(w, size, 0)[0] for w in tests])
+        s_mask = np.stack([predict_mod._model_inputs(w, size, 0)[1] for w in tests])
+        tt_xyz, tt_mask = torch_inputs([b_template] * b)
+        ts_xyz, ts_mask = torch_inputs(tests)
+
+        def torch_forward(tt_xyz=tt_xyz, tt_mask=tt_mask, ts_xyz=ts_xyz, ts_mask=ts_mask):
+            with torch.inference_mode():
+                net(tt_xyz, tt_mask, ts_xyz, ts_mask)
+
+        pb = throughput(lambda tests=tests: fd.predict_batch(
+            model, b_template, tests, use_color=False), b)
+        raw = throughput(lambda s_xyz=s_xyz, s_mask=s_mask: forward(
+            model.params, t_xyz, t_mask, s_xyz, s_mask, None, None).block_until_ready(), b)
+        tf = throughput(torch_forward, b)
+        rows.append((b, pb, raw, tf))
+
+    chunk = predict_mod._max_chunk(model, size, size)
+    print(f"\nthroughput, volumes/s ({BATCH_NEURONS}-neuron clouds, JAX padded to bucket {size}; "
+          f"predict_batch runs chunks of ≤ {chunk} volumes here, 'jax forward' and 'torch forward' "
+          "one call of the whole batch)")
+    print(f"{'batch':>6} {'predict_batch':>14} {'jax forward':>12} {'torch forward':>14} "
+          f"{'fwd ratio':>10} {'e2e ratio':>10}")
+    for b, pb, raw, tf in rows:
+        print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {tf:>14.1f} {raw / tf:>9.2f}x {pb / tf:>9.2f}x")
+
+    print(f"\n{'single pair (ms)':<26} {'jax':>8} {'torch':>8} {'speedup':>8}")
+    print(f"{'end to end, median':<26} {jax_med:>8.2f} {torch_med:>8.2f} "
+          f"{torch_med / jax_med:>7.2f}x")
+    print(f"{'end to end, min':<26} {min(jax_ms):>8.2f} {min(torch_ms):>8.2f} "
+          f"{min(torch_ms) / min(jax_ms):>7.2f}x")
+    print(f"load average at the end {os.getloadavg()}")
+    print(f"predict single_pair_ms={jax_med:.3f} torch_ms={torch_med:.3f} "
+          f"speedup={torch_med / jax_med:.3f}")
+
+
+if __name__ == "__main__":
+    main()

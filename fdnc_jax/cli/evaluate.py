@@ -1,0 +1,208 @@
+"""fdnc-evaluate: accuracy of fDNC and baselines (CPD, no registration) on labelled worms.
+
+Examples:
+  fdnc-evaluate --mode=pairs --data=data/wormnd --methods=fdnc,cpd,none --max_pairs=200 --out=eval/
+  fdnc-evaluate --mode=pairs --data='data/wormnd/EY_*.npz' \
+      --template=data/wormnd/EY_20190924_01.npz --methods=fdnc,fdnc+color --out=eval_ey/
+  fdnc-evaluate --mode=semisynthetic --data=heldout/ --num_pairs=2000 --out=eval_sim/
+  fdnc-evaluate --mode=tracking --data='recording/vol_*.npz' --template=recording/vol_0000.npz \
+      --tracking_by=index --out=eval_track/
+
+Writes OUT/summary.json, pairs.csv, per_neuron.csv, wilcoxon.csv, calibration.json, skipped.csv,
+plots, and prints a table. Intentionally kept short: all logic is in fdnc_jax.evaluate.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from absl import flags
+
+from fdnc_jax.cli._common import run_main
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum(
+    "mode", "pairs", ["pairs", "semisynthetic", "tracking"],
+    "pairs: across-animal accuracy on every ordered pair of labelled worms (or --template vs all); "
+    "semisynthetic: simulated pairs from the --data worms with known correspondence; tracking: "
+    "--template volume vs every other volume of one animal.",
+)
+flags.DEFINE_string(
+    "data", None, "Worm files: a folder, a glob or a comma-separated list of .npz/.csv files "
+    "(positions in µm, names for accuracy).",
+)
+flags.DEFINE_string(
+    "template", None, "Template worm file (.npz/.csv, µm). pairs: match only this template against "
+    "all --data worms; tracking: the reference volume (default: the first --data file).",
+)
+flags.DEFINE_list(
+    "methods", None, "Comma-separated methods among fdnc, fdnc+color, cpd, none (default: pairs "
+    "fdnc,fdnc+color,cpd,none; semisynthetic and tracking fdnc,cpd,none).",
+)
+flags.DEFINE_integer(
+    "max_pairs", None, "pairs mode: evaluate at most this many (template, test) pairs, a "
+    "deterministic random subset chosen by --seed (count of pairs; default: all).",
+)
+flags.DEFINE_integer("num_pairs", 2000, "semisynthetic mode: number of simulated pairs (count).")
+flags.DEFINE_string(
+    "checkpoint", None, "Training workdir (fdnc-train --workdir) to load the model from; default: "
+    "the bundled weights named by --weights.",
+)
+flags.DEFINE_string(
+    "weights", "default", "Name of the bundled weights when --checkpoint is not given."
+)
+flags.DEFINE_string("out", None, "Output folder (created) for summary.json, CSVs and PNG plots.")
+flags.DEFINE_integer("seed", 0, "Seed (integer) of the pair subset and of the simulated pairs.")
+flags.DEFINE_bool(
+    "skip_uncertain", True, "Leave names marked uncertain ('?') out of the accuracy (true/false).",
+)
+flags.DEFINE_enum(
+    "tracking_by", "name", ["name", "index"], "tracking mode ground truth: annotated names, or "
+    "row index (volume neuron i = template neuron i).",
+)
+flags.DEFINE_bool("plots", True, "Write PNG plots (accuracy box plot, calibration, example match).")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+_DEFAULT_METHODS = {
+    "pairs": ("fdnc", "fdnc+color", "cpd", "none"),
+    "semisynthetic": ("fdnc", "cpd", "none"),
+    "tracking": ("fdnc", "cpd", "none"),
+}
+
+
+class _Error(Exception):
+    """A user error: printed without traceback, exit code 2."""
+
+
+def _load_model(methods):
+    import fdnc_jax as fd
+
+    if not any(m.startswith("fdnc") for m in methods):
+        return None
+    if FLAGS.checkpoint:
+        return fd.load_checkpoint(FLAGS.checkpoint)
+    try:
+        return fd.load_pretrained(FLAGS.weights)
+    except ValueError as e:
+        raise _Error(
+            f"cannot load the bundled weights {FLAGS.weights!r} ({e}); pass --checkpoint=WORKDIR "
+            "(a fdnc-train --workdir) to evaluate your own model"
+        ) from e
+
+
+def _named(worm, stem: str):
+    """The worm with ``meta['worm'] = stem`` (its id in the tables)."""
+    if worm.meta.get("worm") == stem:
+        return worm
+    with warnings.catch_warnings():  # Already warned when loading.
+        warnings.simplefilter("ignore")
+        return worm.replace(meta={**worm.meta, "worm": stem})
+
+
+def _load_worms(spec: str):
+    """(worms, load failures as skipped rows); a worm's id is its file stem."""
+    from fdnc_jax.datasets import resolve_worm_files
+    from fdnc_jax.io import load_worm
+
+    worms, failed = [], []
+    for p in resolve_worm_files(spec):
+        try:
+            w = load_worm(p)
+        except ValueError as e:
+            print(f"fdnc-evaluate: skipping {p}: {e}", file=sys.stderr)
+            failed.append(
+                {"template": "", "test": Path(p).stem, "method": "load", "reason": str(e)}
+            )
+            continue
+        worms.append(_named(w, Path(p).stem))
+    if not worms:
+        raise _Error(f"no worm file under {spec!r} could be loaded")
+    return worms, failed
+
+
+def _evaluate():
+    from fdnc_jax import evaluate as ev
+    from fdnc_jax.io import load_worm
+
+    if not FLAGS.data:
+        raise _Error("give --data (a folder, glob or list of worm files)")
+    if not FLAGS.out:
+        raise _Error("give --out (the output folder)")
+    methods = tuple(FLAGS.methods) if FLAGS.methods else _DEFAULT_METHODS[FLAGS.mode]
+    methods = ev.parse_methods(methods, ev.METHODS)
+    worms, failed = _load_worms(FLAGS.data)
+    template = None
+    if FLAGS.template:
+        template = load_worm(FLAGS.template)
+        template = _named(template, Path(FLAGS.template).stem)
+    model = _load_model(methods)
+    if FLAGS.mode == "pairs":
+        if template is not None:
+            same = [w for w in worms if w.meta["worm"] == template.meta["worm"]]
+            template = same[0] if same else template
+        result = ev.evaluate_pairs(
+            model, worms, methods=methods, template=template, max_pairs=FLAGS.max_pairs,
+            seed=FLAGS.seed, skip_uncertain=FLAGS.skip_uncertain, progress=FLAGS.progress,
+        )
+    elif FLAGS.mode == "semisynthetic":
+        result = ev.evaluate_semisynthetic(
+            model, worms, num_pairs=FLAGS.num_pairs, seed=FLAGS.seed, methods=methods,
+            progress=FLAGS.progress,
+        )
+    else:
+        if template is None:
+            template, worms = worms[0], worms[1:]
+        else:
+            worms = [w for w in worms if w.meta["worm"] != template.meta["worm"]]
+        result = ev.evaluate_tracking(
+            model, template, worms, by=FLAGS.tracking_by, methods=methods,
+            skip_uncertain=FLAGS.skip_uncertain, progress=FLAGS.progress,
+        )
+    result.skipped[:0] = failed
+    summary = ev.write_outputs(result, FLAGS.out, plots=FLAGS.plots)
+    return result, summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"fdnc-evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    from fdnc_jax.evaluate import format_table
+
+    try:
+        result, summary = _evaluate()
+    except (_Error, ValueError, TypeError, OSError) as e:
+        print(f"fdnc-evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    for note in result.notes[:10]:
+        print(f"note: {note}")
+    if len(result.notes) > 10:
+        print(f"note: ... {len(result.notes) - 10} more notes in settings.json")
+    if result.skipped:
+        reasons: dict[str, int] = {}
+        for s in result.skipped:
+            key = f"{s['method']}: {s['reason']}"
+            reasons[key] = reasons.get(key, 0) + 1
+        print(f"\n{len(result.skipped)} (pair, method) skipped (see skipped.csv):")
+        for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"  {n:>5} × {k}")
+    wil = result.wilcoxon()
+    if wil:
+        print("\nWilcoxon signed-rank p-values (per-pair accuracy):")
+        for r in wil:
+            print(f"  {r['method_a']} vs {r['method_b']}: "
+                  f"p = {r['p_value']:.3g} (n={r['n_pairs']})")
+    print(f"\nwrote {FLAGS.out}/summary.json, pairs.csv, per_neuron.csv, wilcoxon.csv, "
+          "calibration.json, skipped.csv")
+    return 0
+
+
+def run():
+    run_main(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

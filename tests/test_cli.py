@@ -1,0 +1,56 @@
+"""The fdnc-predict command line, run as a user would (a subprocess)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import subprocess
+import sys
+
+import pytest
+
+WEIGHTS = importlib.resources.files("fdnc_jax") / "data" / "fdnc_small.npz"
+
+
+def run_predict(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "fdnc_jax.cli.predict", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_lists_flags():
+    out = run_predict("--help")
+    assert out.returncode in (0, 1), out.stderr  # absl's --help exits with 1 after printing usage.
+    assert "Traceback" not in out.stderr
+    for flag in (
+        "--template", "--test", "--use_color", "--top_k", "--min_probability", "--out",
+        "--checkpoint", "--demo",
+    ):
+        assert flag in out.stdout, f"{flag} missing from --help"
+
+
+def test_missing_file_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "nope.npz"
+    out = run_predict(f"--template={missing}", f"--test={missing}")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("fdnc-predict: error:")
+    if WEIGHTS.is_file():
+        assert "nope.npz" in lines[0]
+    else:  # The CLI loads the model first: without bundled weights that is what it reports.
+        assert "weights" in lines[0]
+
+
+def test_demo_runs():
+    if not WEIGHTS.is_file():
+        pytest.skip("bundled weights fdnc_jax/data/fdnc_small.npz not present yet")
+    out = run_predict("--demo")
+    assert out.returncode == 0, out.stderr
+    assert "accuracy" in out.stdout

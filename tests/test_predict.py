@@ -1,0 +1,301 @@
+"""fdnc_jax.predict: equivariance, matching invariants, batching/compilation, outputs, bad input.
+
+A tiny random model is enough: every property tested here holds for any weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import importlib.util
+import types
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import fdnc_jax as fd
+from fdnc_jax.model.fdnc import Model, ModelConfig
+
+# ``fdnc_jax.predict`` is the function re-exported by the package; the module holds compile_count.
+predict_mod = importlib.import_module("fdnc_jax.predict")
+
+TINY = ModelConfig(width=16, layers=1, heads=2, ff_width=32, dropout=0.0)
+
+
+def cloud(n: int, seed: int, **kwargs) -> fd.Worm:
+    """A synthetic head-like cloud of n neurons in µm."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(size=(n, 3)) * np.array([30.0, 8.0, 6.0]) + 60.0
+    return fd.Worm(xyz_um=xyz, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return Model.create(TINY)
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[fd.Worm, fd.Worm]:
+    return fd.load_demo_pair()
+
+
+@pytest.fixture(scope="module")
+def demo_pred(model, demo):
+    template, test = demo
+    return fd.predict(model, template, test, use_color=False)
+
+
+def close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=0)
+
+
+# ------------------------------------------------------------------ symmetries
+
+
+def test_permuting_test_worm_permutes_prediction(model, demo, demo_pred):
+    template, test = demo
+    perm = np.random.default_rng(1).permutation(test.n)
+    pred = fd.predict(model, template, test.subset(perm), use_color=False)
+    np.testing.assert_array_equal(pred.assignment, demo_pred.assignment[perm])
+    np.testing.assert_array_equal(pred.labels, demo_pred.labels[perm])
+    close(pred.probability, demo_pred.probability[perm])
+    close(pred.outlier_probability, demo_pred.outlier_probability[perm])
+    close(pred.candidate_probs, demo_pred.candidate_probs[perm])
+
+
+def test_permuting_template_relabels_indices(model, demo, demo_pred):
+    template, test = demo
+    perm = np.random.default_rng(2).permutation(template.n)  # new index k holds old neuron perm[k]
+    pred = fd.predict(model, template.subset(perm), test, use_color=False)
+    inverse = np.argsort(perm)
+    expected = np.where(demo_pred.assignment >= 0, inverse[demo_pred.assignment], -1)
+    np.testing.assert_array_equal(pred.assignment, expected)
+    np.testing.assert_array_equal(pred.labels, demo_pred.labels)  # Names follow the neurons.
+    close(pred.probability, demo_pred.probability)
+    close(pred.outlier_probability, demo_pred.outlier_probability)
+    np.testing.assert_array_equal(pred.candidate_labels, demo_pred.candidate_labels)
+
+
+# ------------------------------------------------------------------ invariants of one prediction
+
+
+def test_prediction_invariants(demo, demo_pred):
+    template, test = demo
+    p = demo_pred
+    assert p.assignment.shape == p.labels.shape == p.probability.shape == (test.n,)
+    assert p.candidates.shape == p.candidate_probs.shape == (test.n, 5)
+    assigned = p.assignment[p.assignment >= 0]
+    assert len(assigned) == min(test.n, template.n)  # N == M here: everyone gets a partner.
+    assert len(np.unique(assigned)) == len(assigned)  # One-to-one.
+    assert np.all(assigned < template.n)
+    for probs in (p.probability, p.candidate_probs, p.outlier_probability):
+        assert np.all((probs >= 0) & (probs <= 1))
+    assert np.all(np.diff(p.candidate_probs, axis=1) <= 1e-12)  # Top-k sorted decreasing.
+    assert np.all((p.candidates >= 0) & (p.candidates < template.n))
+    np.testing.assert_array_equal(p.labels, template.names[p.assignment])
+    np.testing.assert_array_equal(p.candidate_labels, template.names[p.candidates])
+
+
+def test_uninformative_color_changes_nothing(model):
+    template = cloud(40, 10, color=np.ones((40, 3)))
+    test = cloud(36, 11, color=np.full((36, 3), 5.0))  # Every row the same hue as the template's.
+    off = fd.predict(model, template, test, use_color=False)
+    on = fd.predict(model, template, test, use_color=True)
+    np.testing.assert_array_equal(on.assignment, off.assignment)
+    close(on.probability, off.probability, atol=1e-9)
+    close(on.candidate_probs, off.candidate_probs, atol=1e-9)
+    np.testing.assert_array_equal(on.candidates, off.candidates)
+
+
+def test_predict_batch_equals_loop(model, demo):
+    template, test = demo
+    tests = [test, cloud(150, 3), cloud(70, 4), cloud(150, 5)]  # Three size buckets, one repeated.
+    batch = fd.predict_batch(model, template, tests, use_color=False, top_k=3)
+    for t, b in zip(tests, batch, strict=True):
+        single = fd.predict(model, template, t, use_color=False, top_k=3)
+        np.testing.assert_array_equal(b.assignment, single.assignment)
+        np.testing.assert_array_equal(b.labels, single.labels)
+        close(b.probability, single.probability)
+        close(b.candidate_probs, single.candidate_probs)
+        close(b.outlier_probability, single.outlier_probability)
+
+
+def test_predict_batch_chunks_and_padding(model, monkeypatch):
+    """Chunks smaller than the batch (with a padded last chunk) give the per-volume results."""
+    monkeypatch.setattr(predict_mod, "BATCH_CHUNK", 4)
+    template = cloud(40, 6)
+    tests = [cloud(40 + i, 100 + i) for i in range(10)]  # One bucket: chunks of 4, 4, 2.
+    batch = fd.predict_batch(model, template, tests, top_k=2)
+    for t, b in zip(tests, batch, strict=True):
+        single = fd.predict(model, template, t, top_k=2)
+        np.testing.assert_array_equal(b.assignment, single.assignment)
+        close(b.probability, single.probability)
+
+
+def test_cpu_chunk_limit():
+    paper = types.SimpleNamespace(config=ModelConfig())
+    small = types.SimpleNamespace(config=ModelConfig(width=64, layers=4, heads=4, ff_width=256))
+    if jax.default_backend() == "cpu":
+        assert predict_mod._max_chunk(paper, 224, 224) == 1
+        assert predict_mod._max_chunk(small, 160, 160) == 4
+    else:
+        assert predict_mod._max_chunk(paper, 224, 224) == predict_mod.BATCH_CHUNK
+    assert predict_mod._chunk_size(3, 32) == 4
+    assert predict_mod._chunk_size(1, 32) == 1
+    assert predict_mod._chunk_size(40, 32) == 32
+
+
+def test_compiles_once_per_bucket():
+    model = Model.create(TINY, seed=1)  # A fresh model: its own compilation cache.
+    template = cloud(50, 20)
+    size = predict_mod.bucket_size(50)
+    fd.predict(model, template, cloud(50, 21))
+    count = predict_mod.compile_count(model)
+    assert count == 1
+    fd.predict(model, template, cloud(size - 1, 22))  # Same bucket: no new executable.
+    assert predict_mod.compile_count(model) == count
+    fd.predict(model, template, cloud(size + 1, 23))  # Next bucket: exactly one more.
+    assert predict_mod.compile_count(model) == count + 1
+
+
+def test_template_without_names(model):
+    template, test = cloud(30, 30), cloud(30, 31)
+    assert np.all(template.names == "")
+    pred = fd.predict(model, template, test, top_k=2)
+    assert np.all(pred.labels == "")
+    assert np.all(pred.assignment >= 0)
+    records = pred.to_records()
+    assert records[0]["candidates"] == ";".join(str(c) for c in pred.candidates[0])
+
+
+def test_min_probability_one_unassigns_everything(model, demo):
+    template, test = demo
+    pred = fd.predict(model, template, test, use_color=False, min_probability=1.0)
+    assert np.all(pred.assignment == -1)
+    assert np.all(pred.labels == "")
+    assert np.all(pred.probability == 0)
+    assert np.all(pred.candidates >= 0)  # Candidates are still reported.
+
+
+def test_more_test_than_template_neurons(model):
+    template, test = cloud(20, 40, names=[f"N{i}" for i in range(20)]), cloud(45, 41)
+    pred = fd.predict(model, template, test)
+    assert np.sum(pred.assignment == -1) == 25
+    assert np.all(pred.labels[pred.assignment == -1] == "")
+    assigned = pred.assignment[pred.assignment >= 0]
+    assert len(np.unique(assigned)) == 20
+
+
+def test_too_large_worm_raises(model):
+    big = fd.Worm(xyz_um=np.random.default_rng(0).uniform(0, 300, size=(1025, 3)))
+    small = cloud(30, 50)
+    with pytest.raises(ValueError, match="largest supported size"):
+        fd.predict(model, small, big)
+    with pytest.raises(ValueError, match="template has 1025 neurons"):
+        fd.predict(model, big, small)
+
+
+# ------------------------------------------------------------------ output formats
+
+
+def test_csv_and_records_round_trip(demo_pred, tmp_path):
+    records = demo_pred.to_records()
+    assert len(records) == len(demo_pred.assignment)
+    r = records[3]
+    assert r["test_index"] == 3
+    assert r["assignment"] == demo_pred.assignment[3]
+    assert r["label"] == demo_pred.labels[3]
+    assert r["candidates"].split(";") == [c for c in demo_pred.candidate_labels[3] if c]
+    path = tmp_path / "pred.csv"
+    demo_pred.to_csv(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert list(rows[0]) == list(records[0])
+    for row, rec in zip(rows, records, strict=True):
+        assert int(row["test_index"]) == rec["test_index"]
+        assert int(row["assignment"]) == rec["assignment"]
+        assert row["label"] == rec["label"]
+        assert float(row["probability"]) == rec["probability"]
+        assert float(row["outlier_probability"]) == rec["outlier_probability"]
+        assert row["candidates"] == rec["candidates"]
+        assert row["candidate_probs"] == rec["candidate_probs"]
+
+
+def test_to_dataframe_without_pandas(demo_pred):
+    if importlib.util.find_spec("pandas") is not None:
+        pytest.skip("pandas is installed")
+    with pytest.raises(ImportError, match="pip install pandas"):
+        demo_pred.to_dataframe()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_nan_worm_rejected():
+    xyz = np.random.default_rng(0).normal(size=(10, 3)) * 20
+    xyz[4, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        fd.Worm(xyz_um=xyz)
+
+
+def test_color_problems(model):
+    template = cloud(20, 60, color=np.random.default_rng(0).uniform(0.1, 1, (20, 4)))
+    test3 = cloud(20, 61, color=np.random.default_rng(1).uniform(0.1, 1, (20, 3)))
+    with pytest.raises(ValueError, match="channel counts differ"):
+        fd.predict(model, template, test3, use_color=True)
+    with pytest.raises(ValueError, match="test worm 0 has no color"):
+        fd.predict(model, template, cloud(20, 62), use_color=True)
+    with pytest.raises(ValueError, match="template has no color"):
+        fd.predict(model, cloud(20, 62), template, use_color=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"top_k": 0}, ValueError, "top_k=0"),
+        ({"top_k": -1}, ValueError, "top_k=-1"),
+        ({"top_k": 21}, ValueError, "top_k=21"),
+        ({"top_k": 2.0}, TypeError, "top_k must be an int"),
+        ({"top_k": "3"}, TypeError, "top_k must be an int"),
+        ({"top_k": True}, TypeError, "top_k must be an int"),
+        ({"min_probability": -0.1}, ValueError, "min_probability"),
+        ({"min_probability": 1.5}, ValueError, "min_probability"),
+        ({"min_probability": float("nan")}, ValueError, "min_probability"),
+    ],
+)
+def test_bad_arguments(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fd.predict(model, cloud(20, 70), cloud(20, 71), **kwargs)
+
+
+def test_bad_objects(model):
+    template, test = cloud(20, 80), cloud(20, 81)
+    with pytest.raises(TypeError, match="model must be a fdnc_jax Model"):
+        fd.predict(model.params, template, test)
+    with pytest.raises(TypeError, match="template must be a Worm"):
+        fd.predict(model, template.xyz_um, test)
+    with pytest.raises(TypeError, match="test must be a Worm"):
+        fd.predict(model, template, test.xyz_um)
+    with pytest.raises(TypeError, match="test worm 1 must be a Worm"):
+        fd.predict_batch(model, template, [test, "x"])
+    with pytest.raises(ValueError, match="tests is empty"):
+        fd.predict_batch(model, template, [])
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.npz"
+    with pytest.raises(ValueError, match="nope.npz") as err:
+        fd.load_worm(path)
+    assert "no such file" in str(err.value)
+
+
+def test_duplicate_template_names_rejected(model):
+    names = ["A"] * 2 + [f"N{i}" for i in range(18)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        template = cloud(20, 90, names=names)
+    with pytest.raises(ValueError, match="duplicated"):
+        fd.predict(model, template, cloud(20, 91))
