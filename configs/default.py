@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.ff_width = 2048  # Feed-forward width.
     config.model.dropout = 0.1  # Dropout in attention and feed-forward blocks.
     config.model.color_features = 0  # >0: normalised NeuroPAL color (first 3 channels) as input.
+    config.model.canonical_pose = False  # Rotate clouds to their principal axes (fdnc_jax.pose).
 
     # Every simulator field (see SimConfig for meaning, units and the calibration on real worms).
     config.sim = ml_collections.ConfigDict(dataclasses.asdict(SimConfig()))

@@ -26,10 +26,12 @@ import numpy as np
 from fdnc_jax import matching
 from fdnc_jax.io import atomic_write
 from fdnc_jax.model.fdnc import Model
+from fdnc_jax.pose import SIGN_FLIPS
 from fdnc_jax.worm import Worm, to_model_units
 
 # Steps of 32 up to 256 (heads have ~100–200 neurons: padding adds at most ~15 % tokens), coarser
 # above. The forward's cost grows with N + M, so a finer grid trades compiles for speed.
+ORIENTATIONS = ("auto", "auto+mirror", "fixed")
 SIZE_BUCKETS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
 BATCH_CHUNK = 32  # predict_batch runs at most this many volumes per call (a power of two ≤ it).
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
@@ -61,6 +63,8 @@ class Prediction:
       outlier_probability: [M] float, probability that the test neuron is a false detection / has
         no partner, from the network's outlier column.
       template_names: [N] str, the template's names (to turn candidate indices into names).
+      orientation: [3] ±1, the sign pattern of the test's canonical axes that was kept
+        (canonical-pose models; a negative product means the test was matched as a mirror image).
     """
 
     assignment: np.ndarray
@@ -70,6 +74,7 @@ class Prediction:
     candidate_probs: np.ndarray
     outlier_probability: np.ndarray
     template_names: np.ndarray
+    orientation: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(3, np.float32))
 
     @property
     def candidate_labels(self) -> np.ndarray:
@@ -122,13 +127,15 @@ class Prediction:
 def _compiled_forward(model: Model):
     """A jitted forward for ``model``; jax caches one executable per input shape (bucket)."""
 
-    def forward(params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color):
+    def forward(params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, s_signs):
         # One template ([N, 3], [N], [N, C]) for the whole batch of tests ([B, M, ...]).
         b = s_xyz.shape[0]
         t_xyz, t_mask = (jnp.broadcast_to(x, (b,) + x.shape) for x in (t_xyz, t_mask))
         if t_color is not None:
             t_color = jnp.broadcast_to(t_color, (b,) + t_color.shape)
-        return model.module(params)(t_xyz, t_mask, s_xyz, s_mask, t_color, s_color)
+        return model.module(params)(
+            t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, test_signs=s_signs
+        )
 
     return jax.jit(forward)
 
@@ -209,49 +216,80 @@ def _chunk_size(n: int, limit: int) -> int:
     return min(limit, 1 << max(n - 1, 0).bit_length())
 
 
-def _log_probs(model: Model, template: Worm, tests: Sequence[Worm]) -> list[np.ndarray]:
-    """Network log-probs [M_i, N + 1] per test worm (unpadded), batched per bucket."""
+def orientation_hypotheses(model: Model, orientation: str) -> np.ndarray:
+    """[K, 3] sign patterns tried on the test's canonical axes (see ``fdnc_jax.pose``).
+
+    ``"auto"``: the 4 proper 180° flips for canonical-pose models (one hypothesis otherwise);
+    ``"auto+mirror"``: also their mirror images, for worms whose side (handedness) is unknown;
+    ``"fixed"``: the canonical pose only.
+    """
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation={orientation!r} must be one of {ORIENTATIONS}")
+    if not model.config.canonical_pose or orientation == "fixed":
+        return SIGN_FLIPS[:1]
+    return SIGN_FLIPS[:4] if orientation == "auto" else SIGN_FLIPS
+
+
+def _orientation_score(log_probs: np.ndarray) -> float:
+    """How well a hypothesis explains the test: mean over test neurons of the best match log-prob."""
+    return float(np.mean(np.max(log_probs[:, :-1], axis=1)))
+
+
+def _log_probs(
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Network log-probs [M_i, N + 1] per test worm (unpadded) under its best orientation
+    hypothesis (one of ``signs`` [K, 3]), batched per bucket; and the chosen hypothesis per test."""
     n_color = model.config.color_features
     n_bucket = bucket_size(template.n, "template")
-    groups: dict[int, list[int]] = {}
+    k = len(signs)
+    groups: dict[int, list[tuple[int, int]]] = {}
     for i, t in enumerate(tests):
-        groups.setdefault(bucket_size(t.n, f"test worm {i}"), []).append(i)
+        bucket = bucket_size(t.n, f"test worm {i}")
+        groups.setdefault(bucket, []).extend((i, h) for h in range(k))
     t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, n_color)
     forward = _compiled_forward(model)
-    out: list[np.ndarray | None] = [None] * len(tests)
+    found: dict[tuple[int, int], np.ndarray] = {}
 
-    def fetch(part: list[int], lp_device: jax.Array) -> None:
+    def fetch(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
         lp = np.asarray(lp_device)  # [b, M_bucket, N_bucket + 1]
-        for j, i in enumerate(part):
+        for j, (i, h) in enumerate(part):
             m = tests[i].n
-            out[i] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
+            found[i, h] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
 
-    pending: tuple[list[int], jax.Array] | None = None
-    for m_bucket, idx in groups.items():
+    pending: tuple[list[tuple[int, int]], jax.Array] | None = None
+    for m_bucket, items in groups.items():
         limit = _max_chunk(model, n_bucket, m_bucket)
-        for start in range(0, len(idx), limit):
-            part = idx[start : start + limit]
+        for start in range(0, len(items), limit):
+            part = items[start : start + limit]
             b = _chunk_size(len(part), limit)
             s_xyz = np.zeros((b, m_bucket, 3), np.float32)
             s_mask = np.zeros((b, m_bucket), bool)
             s_color = np.zeros((b, m_bucket, t_color.shape[-1]), np.float32) if n_color else None
-            for j, i in enumerate(part):
+            s_signs = np.ones((b, 3), np.float32)
+            for j, (i, h) in enumerate(part):
                 s_xyz[j], s_mask[j], c = _model_inputs(tests[i], m_bucket, n_color)
+                s_signs[j] = signs[h]
                 if n_color:
                     s_color[j] = c
             # Dispatch this chunk before fetching the previous one: host work overlaps the device.
-            lp_device = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color)
+            lp_device = forward(
+                model.params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, s_signs
+            )
             if pending is not None:
                 fetch(*pending)
             pending = (part, lp_device)
     if pending is not None:
         fetch(*pending)
-    return out  # type: ignore[return-value]
+    chosen = np.array(
+        [max(range(k), key=lambda h, i=i: _orientation_score(found[i, h])) for i in range(len(tests))]
+    )
+    return [found[i, h] for i, h in enumerate(chosen)], chosen
 
 
 def _prediction(
     log_probs: np.ndarray, template: Worm, test: Worm, use_color: bool, color_weight: float,
-    top_k: int, min_probability: float,
+    top_k: int, min_probability: float, signs: np.ndarray,
 ) -> Prediction:
     kwargs = {}
     if use_color:
@@ -271,6 +309,7 @@ def _prediction(
         candidate_probs=m.candidate_probs,
         outlier_probability=m.outlier_probability,
         template_names=template.names,
+        orientation=signs.astype(np.float32),
     )
 
 
@@ -283,6 +322,7 @@ def predict_batch(
     color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
     min_probability: float = 0.0,
+    orientation: str = "auto",
 ) -> list[Prediction]:
     """Matches many test worms (e.g. every volume of a recording) to one template.
 
@@ -294,6 +334,10 @@ def predict_batch(
       color_weight: weight of the color log-likelihood (60 as the original).
       top_k: number of candidates per test neuron (1 ≤ top_k ≤ template neurons).
       min_probability: assignments below this probability become −1 ("no label").
+      orientation: for canonical-pose models, which orientations of the test to try (each test is
+        matched under every hypothesis, the best-explained one is kept): "auto" the 4 proper
+        180° flips of its principal axes, "auto+mirror" also their mirror images (worms whose side
+        is unknown; a wrong choice swaps left/right names), "fixed" none.
 
     Returns:
       One Prediction per test worm, in order.
@@ -305,10 +349,11 @@ def predict_batch(
     if not tests:
         raise ValueError("tests is empty: pass at least one test Worm")
     use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
-    all_log_probs = _log_probs(model, template, tests)
+    signs = orientation_hypotheses(model, orientation)
+    all_log_probs, chosen = _log_probs(model, template, tests, signs)
     return [
-        _prediction(lp, template, t, use_color, color_weight, top_k, min_probability)
-        for lp, t in zip(all_log_probs, tests, strict=True)
+        _prediction(lp, template, t, use_color, color_weight, top_k, min_probability, signs[h])
+        for lp, t, h in zip(all_log_probs, tests, chosen, strict=True)
     ]
 
 
@@ -321,6 +366,7 @@ def predict(
     color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
     min_probability: float = 0.0,
+    orientation: str = "auto",
 ) -> Prediction:
     """Matches the neurons of ``test`` to ``template``; see ``predict_batch`` for the arguments.
 
@@ -334,5 +380,5 @@ def predict(
         raise TypeError(f"test must be a Worm, got {type(test).__name__}")
     return predict_batch(
         model, template, [test], use_color=use_color, color_weight=color_weight, top_k=top_k,
-        min_probability=min_probability,
+        min_probability=min_probability, orientation=orientation,
     )[0]

@@ -32,6 +32,10 @@ def main(argv):
         jax.distributed.initialize()
     from fdnc_jax.train.loop import train_and_evaluate
 
+    if not FLAGS["verbosity"].present:
+        # Orbax logs every checkpoint step at INFO; progress and validations are shown by the loop.
+        logging.set_verbosity(logging.WARNING)
+
     logging.info("JAX devices: %s", jax.devices())
     model = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(f"best validation accuracy {model.info.get('best_accuracy', float('nan')):.4f} "

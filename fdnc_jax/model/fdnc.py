@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fdnc_jax.model.layers import EncoderBlock, PointEmbedding, key_padding_mask
+from fdnc_jax.pose import canonical_pose_batch
 
 NEG_INF = -1e9
 
@@ -28,6 +29,7 @@ class ModelConfig:
     ff_width: int = 2048  # Feed-forward width.
     dropout: float = 0.1  # Dropout in attention and feed-forward (training only).
     color_features: int = 0  # C > 0: per-point normalised color concatenated to xyz as input.
+    canonical_pose: bool = False  # Rotate each cloud to its principal axes first (fdnc_jax.pose).
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -73,10 +75,25 @@ class FDNC(nnx.Module):
         template_color: jax.Array | None = None,
         test_color: jax.Array | None = None,
         *,
+        test_signs: jax.Array | None = None,
         deterministic: bool = True,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
+        """Log-probabilities [B, M, N + 1].
+
+        Args:
+          template_xyz, test_xyz: [B, N, 3], [B, M, 3] model units; masks [B, N], [B, M] bool.
+          template_color, test_color: [B, N, C], [B, M, C] normalised colors (color models only).
+          test_signs: [B, 3] ±1 applied to the test's canonical axes (canonical_pose models only):
+            the orientation hypotheses searched at inference (``fdnc_jax.pose.SIGN_FLIPS``).
+          deterministic: no dropout (inference); training passes False and a ``dropout_key``.
+        """
         n = template_xyz.shape[1]
+        if self.cfg.canonical_pose:
+            template_xyz = canonical_pose_batch(template_xyz, template_mask)
+            test_xyz = canonical_pose_batch(test_xyz, test_mask)
+            if test_signs is not None:
+                test_xyz = test_xyz * test_signs[:, None, :]
         template_in, test_in = template_xyz, test_xyz
         if self.cfg.color_features:
             if template_color is None or test_color is None:
