@@ -121,6 +121,26 @@ def _checkpoint_root(path: Path) -> Path:
     )
 
 
+def _restore_model(store: CheckpointStore, which: str):
+    from fdnc_jax.train.step import init_state, make_optimizer  # Local: train imports the simulator.
+
+    order = [which, LATEST if which == BEST else BEST]
+    chosen = next((w for w in order if store.latest_step(w) is not None), None)
+    if chosen is None:
+        raise CheckpointError(f"{store.root}: contains no saved step")
+    meta = store.read_meta(chosen)
+    config = meta.get("config") if meta else None
+    if not config or "model" not in config:
+        raise CheckpointError(f"{store.root / chosen}: checkpoint metadata lacks the config")
+    model = Model.create(ModelConfig.from_dict(config["model"]))
+    train = config.get("train", {})
+    tx = make_optimizer(
+        train.get("learning_rate", 2e-4), train.get("clip_norm", 1.0), train.get("optimizer", "adam")
+    )
+    state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
+    return chosen, model, state, meta
+
+
 def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
     """Loads a trained model from a training workdir (``fdnc-train --workdir``).
 
@@ -135,32 +155,21 @@ def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
     Example:
       >>> model = load_checkpoint("runs/small")  # doctest: +SKIP
     """
-    from fdnc_jax.train.step import init_state, make_optimizer  # Local: train imports the simulator.
-
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint directory")
     if which not in (BEST, LATEST):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    store = CheckpointStore(_checkpoint_root(p))
-    try:
-        order = [which, LATEST if which == BEST else BEST]
-        chosen = next((w for w in order if store.latest_step(w) is not None), None)
-        if chosen is None:
-            raise CheckpointError(f"{store.root}: contains no saved step")
-        meta = store.read_meta(chosen)
-        config = meta.get("config") if meta else None
-        if not config or "model" not in config:
-            raise CheckpointError(f"{store.root / chosen}: checkpoint metadata lacks the config")
-        model_cfg = ModelConfig.from_dict(config["model"])
-        model = Model.create(model_cfg)
-        train = config.get("train", {})
-        tx = make_optimizer(
-            train.get("learning_rate", 2e-4), train.get("clip_norm", 1.0), train.get("optimizer", "adam")
-        )
-        state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
-    finally:
-        store.close()
+    for attempt in range(2):  # A run training in this workdir may replace "best" meanwhile.
+        store = CheckpointStore(_checkpoint_root(p))
+        try:
+            chosen, model, state, meta = _restore_model(store, which)
+            break
+        except CheckpointError as e:
+            if attempt or not isinstance(e.__cause__, FileNotFoundError):
+                raise
+        finally:
+            store.close()
     info = {
         "source": os.fspath(store.root / chosen),
         "step": int(state.step),

@@ -67,8 +67,12 @@ __all__ = [
     "write_outputs",
 ]
 
-METHODS: tuple[str, ...] = ("fdnc", "fdnc+color", "cpd", "none")
-FDNC_METHODS = ("fdnc", "fdnc+color")  # Methods with probabilities and top-k candidates.
+METHODS: tuple[str, ...] = (
+    "fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror", "cpd", "none"
+)
+# Methods with probabilities and top-k candidates. "+mirror": the test may also be matched as a
+# mirror image (predict orientation="auto+mirror"), for data whose handedness is unknown.
+FDNC_METHODS = ("fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror")
 TOP_K = (3, 5)
 CALIBRATION_BINS = 10
 CPD_METHOD = "rigid+nonrigid"
@@ -334,12 +338,16 @@ def _color_problem(template: Worm, test: Worm) -> str | None:
     return None
 
 
-def _fdnc_timed(model: Model, template: Worm, tests: list[Worm], use_color: bool, top_k: int):
+def _fdnc_timed(
+    model: Model, template: Worm, tests: list[Worm], use_color: bool, top_k: int, orientation: str
+):
     """predict_batch, timed without compilation (rerun when the call compiled a new bucket)."""
     for _ in range(2):
         before = compile_count(model)
         t0 = time.perf_counter()
-        preds = predict_batch(model, template, tests, use_color=use_color, top_k=top_k)
+        preds = predict_batch(
+            model, template, tests, use_color=use_color, top_k=top_k, orientation=orientation
+        )
         seconds = time.perf_counter() - t0
         if compile_count(model) == before:
             break
@@ -347,7 +355,7 @@ def _fdnc_timed(model: Model, template: Worm, tests: list[Worm], use_color: bool
 
 
 def _fdnc_group(
-    model: Model, template: Worm, tests: list[Worm], use_color: bool
+    model: Model, template: Worm, tests: list[Worm], use_color: bool, orientation: str = "auto"
 ) -> list[_Match | str]:
     """fDNC on one template and its tests; a failing test yields its error message instead."""
     out: list[_Match | str] = [""] * len(tests)
@@ -371,13 +379,17 @@ def _fdnc_group(
         )
 
     try:
-        preds, seconds = _fdnc_timed(model, template, [tests[i] for i in todo], use_color, top_k)
+        preds, seconds = _fdnc_timed(
+            model, template, [tests[i] for i in todo], use_color, top_k, orientation
+        )
         for i, p in zip(todo, preds, strict=True):
             out[i] = to_match(p, seconds)
     except (ValueError, TypeError):
         for i in todo:  # Isolate the failing test(s); the others still count.
             try:
-                (p,), seconds = _fdnc_timed(model, template, [tests[i]], use_color, top_k)
+                (p,), seconds = _fdnc_timed(
+                    model, template, [tests[i]], use_color, top_k, orientation
+                )
                 out[i] = to_match(p, seconds)
             except (ValueError, TypeError) as e:
                 out[i] = str(e)
@@ -390,7 +402,10 @@ def _run_method(
     if method in FDNC_METHODS:
         if model is None:
             raise ValueError(f"method {method!r} needs a model")
-        return _fdnc_group(model, template, tests, use_color=method == "fdnc+color")
+        return _fdnc_group(
+            model, template, tests, use_color="+color" in method,
+            orientation="auto+mirror" if method.endswith("+mirror") else "auto",
+        )
     out: list[_Match | str] = []
     for t in tests:
         try:

@@ -11,20 +11,29 @@ from flax import nnx
 
 
 class PointEmbedding(nnx.Module):
-    """Per-point embedding: Linear(F_in → D) then LayerNorm (batch-independent, unlike the original BN).
+    """Per-point embedding: Linear(F_in → D) of positions scaled to ~unit spread.
+
+    No LayerNorm here: normalising Linear(xyz) across features would divide out each point's
+    distance from the centre (LN(r·Wx̂) = LN(Wx̂)), leaving only its direction. The original's
+    BatchNorm is a fixed affine map at inference, which a Linear layer already covers.
 
     Args:
       in_features: 3 for positions, 3 + C with color features.
       width: D.
+      position_scale: multiplies the (model-unit) positions; a head spans ~1.2 units, so 4 gives
+        coordinates of order one.
     """
 
-    def __init__(self, in_features: int, width: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, width: int, *, rngs: nnx.Rngs, position_scale: float = 4.0):
         self.linear = nnx.Linear(in_features, width, rngs=rngs)
-        self.norm = nnx.LayerNorm(width, rngs=rngs)
+        self.position_scale = position_scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [B, L, F_in] → [B, L, D]."""
-        return self.norm(self.linear(x))
+        """x: [B, L, F_in] (xyz first) → [B, L, D]."""
+        scale = jnp.concatenate(
+            [jnp.full((3,), self.position_scale), jnp.ones((x.shape[-1] - 3,))]
+        ).astype(x.dtype)
+        return self.linear(x * scale[None, None, :])
 
 
 class EncoderBlock(nnx.Module):
