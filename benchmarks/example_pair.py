@@ -30,8 +30,11 @@ def main() -> None:
     shared = (set(template.names) - {""}) & (set(test.names) - {""})
     print(f"example pair: template {template.n} neurons, test {test.n}, {len(shared)} shared names")
     result = evaluate_pairs(
-        model, [template, test], template=template,
-        methods=("fdnc", "fdnc+color", "fdnc+mirror", "cpd", "none"), progress=False,
+        model,
+        [template, test],
+        template=template,
+        methods=("fdnc", "fdnc+color", "fdnc+mirror", "cpd", "none"),
+        progress=False,
     )
     summary = summarize(result)
     print(format_table(summary))

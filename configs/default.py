@@ -17,7 +17,9 @@ from fdnc_jax.sim.config import SimConfig
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0  # Root PRNG seed: model init, simulated batches (fold_in(step)), validation set.
+    config.seed = (
+        0  # Root PRNG seed: model init, simulated batches (fold_in(step)), validation set.
+    )
 
     config.model = ml_collections.ConfigDict()
     config.model.width = 128  # D (d_model).

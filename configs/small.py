@@ -17,8 +17,9 @@ def get_config():
     config.model.heads = 2  # On CPU the [B, H, L, L] softmax dominates: 2 heads cost ~half of 4.
     config.model.ff_width = 256
     config.model.dropout = 0.0  # Endless simulated data: no overfitting to regularise against.
+    config.model.canonical_pose = True  # Principal-axes frame: ~4x faster learning on CPU.
     config.data.val_pairs = 256
-    config.train.steps = 4000
+    config.train.steps = 9000
     config.train.batch_size = 16
     config.train.learning_rate = 5e-4
     config.train.log_every = 25

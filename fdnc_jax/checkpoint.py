@@ -122,7 +122,10 @@ def _checkpoint_root(path: Path) -> Path:
 
 
 def _restore_model(store: CheckpointStore, which: str):
-    from fdnc_jax.train.step import init_state, make_optimizer  # Local: train imports the simulator.
+    from fdnc_jax.train.step import (
+        init_state,
+        make_optimizer,
+    )  # Local: train imports the simulator.
 
     order = [which, LATEST if which == BEST else BEST]
     chosen = next((w for w in order if store.latest_step(w) is not None), None)
@@ -135,7 +138,9 @@ def _restore_model(store: CheckpointStore, which: str):
     model = Model.create(ModelConfig.from_dict(config["model"]))
     train = config.get("train", {})
     tx = make_optimizer(
-        train.get("learning_rate", 2e-4), train.get("clip_norm", 1.0), train.get("optimizer", "adam")
+        train.get("learning_rate", 2e-4),
+        train.get("clip_norm", 1.0),
+        train.get("optimizer", "adam"),
     )
     state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
     return chosen, model, state, meta
@@ -202,7 +207,9 @@ def load_weights(path: PathLike) -> Model:
     expected = {"/".join(map(str, k)): v for k, v in flat}
     if set(expected) != set(arrays):
         missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-        raise CheckpointError(f"{p}: parameters do not fit {config}: missing {missing[:5]}, extra {extra[:5]}")
+        raise CheckpointError(
+            f"{p}: parameters do not fit {config}: missing {missing[:5]}, extra {extra[:5]}"
+        )
     for name, var in expected.items():
         if var.get_value().shape != arrays[name].shape:
             raise CheckpointError(
@@ -232,7 +239,8 @@ def load_pretrained(name: str = "default") -> Model:
     res = importlib.resources.files("fdnc_jax") / "data" / fname
     if not res.is_file():
         available = sorted(
-            f.name[:-4] for f in (importlib.resources.files("fdnc_jax") / "data").iterdir()
+            f.name[:-4]
+            for f in (importlib.resources.files("fdnc_jax") / "data").iterdir()
             if f.name.startswith("fdnc_") and f.name.endswith(".npz")
         )
         raise ValueError(f"no bundled weights named {name!r}; available: {['default', *available]}")

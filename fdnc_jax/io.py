@@ -91,7 +91,9 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        with (
+            os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8") as f
+        ):
             write(f)
         umask = os.umask(0)
         os.umask(umask)

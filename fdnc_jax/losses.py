@@ -12,7 +12,9 @@ import jax.numpy as jnp
 ENTROPY_WEIGHT = 0.1
 
 
-def match_loss(log_probs: jax.Array, target: jax.Array, test_mask: jax.Array) -> dict[str, jax.Array]:
+def match_loss(
+    log_probs: jax.Array, target: jax.Array, test_mask: jax.Array
+) -> dict[str, jax.Array]:
     """Match NLL + outlier NLL, averaged over those points, + 0.1 × mean entropy of unlabelled rows.
 
     Args:

@@ -252,7 +252,7 @@ class Matching:
         return int(np.sum(self.assignment >= 0))
 
 
-def _row_softmax(scores: np.ndarray) -> np.ndarray:
+def row_softmax(scores: np.ndarray) -> np.ndarray:
     """Softmax over each row; rows without a finite entry give all zeros."""
     row_max = np.max(scores, axis=1, keepdims=True, initial=-np.inf)
     finite_row = np.isfinite(row_max)
@@ -347,7 +347,7 @@ def match(
         r, c = _host_assignment(-scores[np.ix_(rows, cols)])
         assignment[rows[r]] = cols[c]
 
-    probs = _row_softmax(scores)  # [M, N]; invalid columns / rows -> 0
+    probs = row_softmax(scores)  # [M, N]; invalid columns / rows -> 0
     idx = np.arange(m)
     has = assignment >= 0
     pair_score = np.where(has, scores[idx, np.maximum(assignment, 0)], -np.inf)

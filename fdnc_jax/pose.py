@@ -22,8 +22,14 @@ import numpy as np
 # mirror images (det −1).
 SIGN_FLIPS = np.array(
     [
-        [1, 1, 1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1],  # identity and the 180° flips
-        [-1, 1, 1], [1, -1, 1], [1, 1, -1], [-1, -1, -1],  # mirror images
+        [1, 1, 1],
+        [-1, -1, 1],
+        [-1, 1, -1],
+        [1, -1, -1],  # identity and the 180° flips
+        [-1, 1, 1],
+        [1, -1, 1],
+        [1, 1, -1],
+        [-1, -1, -1],  # mirror images
     ],
     np.float32,
 )
@@ -57,3 +63,31 @@ def canonical_pose(xyz: jax.Array, mask: jax.Array) -> jax.Array:
 def canonical_pose_batch(xyz: jax.Array, mask: jax.Array) -> jax.Array:
     """``canonical_pose`` over a batch: xyz [B, P, 3], mask [B, P] → [B, P, 3]."""
     return jax.vmap(canonical_pose)(xyz, mask)
+
+
+def oracle_signs(
+    template_xyz: jax.Array,
+    template_mask: jax.Array,
+    test_xyz: jax.Array,
+    test_mask: jax.Array,
+    target: jax.Array,
+) -> jax.Array:
+    """For training: the proper sign flip of the test's canonical axes that best aligns it with the
+    template, using the known correspondence (inference searches the same flips without it).
+
+    Args:
+      template_xyz: [B, N, 3], template_mask: [B, N]; test_xyz: [B, M, 3], test_mask: [B, M].
+      target: [B, M] int, template slot of each test point (≥ 0) or a negative code.
+
+    Returns:
+      [B, 3] ±1 signs, one of ``SIGN_FLIPS[:4]`` per pair.
+    """
+    t = canonical_pose_batch(template_xyz, template_mask)  # [B, N, 3]
+    s = canonical_pose_batch(test_xyz, test_mask)  # [B, M, 3]
+    matched = (test_mask & (target >= 0)).astype(s.dtype)  # [B, M]
+    partner = jnp.take_along_axis(t, jnp.maximum(target, 0)[..., None], axis=1)  # [B, M, 3]
+    flips = jnp.asarray(SIGN_FLIPS[:4])  # [4, 3]
+    # [B, 4, M, 3] residuals of every flipped test point to its partner.
+    residual = s[:, None, :, :] * flips[None, :, None, :] - partner[:, None, :, :]
+    error = jnp.sum(jnp.sum(residual**2, axis=-1) * matched[:, None, :], axis=-1)  # [B, 4]
+    return flips[jnp.argmin(error, axis=1)]

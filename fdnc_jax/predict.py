@@ -282,14 +282,23 @@ def _log_probs(
     if pending is not None:
         fetch(*pending)
     chosen = np.array(
-        [max(range(k), key=lambda h, i=i: _orientation_score(found[i, h])) for i in range(len(tests))]
+        [
+            max(range(k), key=lambda h, i=i: _orientation_score(found[i, h]))
+            for i in range(len(tests))
+        ]
     )
     return [found[i, h] for i, h in enumerate(chosen)], chosen
 
 
 def _prediction(
-    log_probs: np.ndarray, template: Worm, test: Worm, use_color: bool, color_weight: float,
-    top_k: int, min_probability: float, signs: np.ndarray,
+    log_probs: np.ndarray,
+    template: Worm,
+    test: Worm,
+    use_color: bool,
+    color_weight: float,
+    top_k: int,
+    min_probability: float,
+    signs: np.ndarray,
 ) -> Prediction:
     kwargs = {}
     if use_color:
@@ -359,7 +368,7 @@ def predict_batch(
 
 def predict(
     model: Model,
-    template: Worm,
+    template: Worm | Sequence[Worm],
     test: Worm,
     *,
     use_color: bool | None = None,
@@ -370,6 +379,11 @@ def predict(
 ) -> Prediction:
     """Matches the neurons of ``test`` to ``template``; see ``predict_batch`` for the arguments.
 
+    ``template`` may also be a list of labelled templates (e.g. several annotated animals): the test is
+    matched to each, the per-name probabilities are averaged over the templates that carry the name,
+    and one one-to-one assignment over names is made. Then ``assignment`` indexes
+    ``Prediction.template_names``, the sorted union of the templates' names.
+
     Example:
       >>> import fdnc_jax as fd
       >>> template, test = fd.load_demo_pair()
@@ -378,7 +392,97 @@ def predict(
     """
     if not isinstance(test, Worm):
         raise TypeError(f"test must be a Worm, got {type(test).__name__}")
+    if isinstance(template, list | tuple):
+        return predict_ensemble(
+            model,
+            template,
+            test,
+            use_color=use_color,
+            color_weight=color_weight,
+            top_k=top_k,
+            min_probability=min_probability,
+            orientation=orientation,
+        )
     return predict_batch(
-        model, template, [test], use_color=use_color, color_weight=color_weight, top_k=top_k,
-        min_probability=min_probability, orientation=orientation,
+        model,
+        template,
+        [test],
+        use_color=use_color,
+        color_weight=color_weight,
+        top_k=top_k,
+        min_probability=min_probability,
+        orientation=orientation,
     )[0]
+
+
+def predict_ensemble(
+    model: Model,
+    templates: Sequence[Worm],
+    test: Worm,
+    *,
+    use_color: bool | None = None,
+    color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
+    top_k: int = 5,
+    min_probability: float = 0.0,
+    orientation: str = "auto",
+) -> Prediction:
+    """Names the neurons of ``test`` by voting over several labelled templates.
+
+    For every template, the network's log-probabilities (+ the color term) give a row-softmax
+    distribution over that template's neurons, i.e. over its names. Per test neuron and name, the
+    probabilities are averaged over the templates that carry the name (rows renormalised); the
+    outlier probability is averaged too. One Hungarian assignment over names follows.
+
+    Args:
+      templates: ≥ 1 labelled Worms (each needs names).
+      test: the Worm to label. Other arguments as ``predict_batch``.
+
+    Returns:
+      A Prediction whose ``assignment`` / ``candidates`` index ``template_names`` (sorted union).
+    """
+    templates = list(templates)
+    if not templates:
+        raise ValueError("templates is empty: pass at least one labelled template")
+    for i, t in enumerate(templates):
+        if not isinstance(t, Worm):
+            raise TypeError(f"templates[{i}] must be a Worm, got {type(t).__name__}")
+        if not t.labelled.any():
+            raise ValueError(f"templates[{i}] has no names: an ensemble votes over names")
+    names = np.array(sorted(set().union(*(t.names[t.labelled].tolist() for t in templates))))
+    if top_k > len(names):
+        raise ValueError(f"top_k={top_k} exceeds the {len(names)} names of the templates")
+    votes = np.zeros((test.n, len(names)))  # [M, K] summed probabilities per name
+    counts = np.zeros((len(names),))  # templates carrying each name
+    outlier = np.zeros((test.n,))
+    signs = orientation_hypotheses(model, orientation)
+    for t in templates:
+        colors = {}
+        if _check_inputs(model, t, [test], use_color, min(top_k, t.n), min_probability):
+            colors = {
+                "template_color": t.color_for_matching("template"),
+                "test_color": test.color_for_matching("test"),
+                "color_weight": color_weight,
+            }
+        (lp,), _ = _log_probs(model, t, [test], signs)  # [M, N_t + 1]
+        probs = matching.row_softmax(matching.match_scores(lp, **colors))  # [M, N_t]
+        column = np.searchsorted(names, t.names[t.labelled])
+        votes[:, column] += probs[:, t.labelled]
+        counts[column] += 1
+        outlier += np.exp(lp[:, -1])
+    mean = votes / np.maximum(counts, 1)[None, :]
+    mean /= np.maximum(mean.sum(axis=1, keepdims=True), 1e-12)
+    outlier_mean = np.clip(outlier / len(templates), 1e-12, 1 - 1e-12)
+    # A log-prob table in the network's layout ([M, K + 1], last column outlier) for matching.match.
+    with np.errstate(divide="ignore"):
+        table = np.concatenate([np.log(mean), np.log(outlier_mean)[:, None]], axis=1)
+    m = matching.match(table, top_k=top_k, min_probability=min_probability)
+    labels = np.append(names, "")[np.where(m.assignment >= 0, m.assignment, len(names))]
+    return Prediction(
+        assignment=m.assignment.astype(np.int64),
+        labels=labels,
+        probability=m.probability,
+        candidates=m.candidates,
+        candidate_probs=m.candidate_probs,
+        outlier_probability=outlier_mean,
+        template_names=names,
+    )

@@ -29,7 +29,9 @@ def _as_xyz(value: Any, name: str) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except Exception as e:  # noqa: BLE001 - anything unconvertible is a user error here.
-        raise TypeError(f"{name} must be an array of shape [N, 3], got {type(value).__name__}") from e
+        raise TypeError(
+            f"{name} must be an array of shape [N, 3], got {type(value).__name__}"
+        ) from e
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
     ):
@@ -146,9 +148,7 @@ class Worm:
         object.__setattr__(self, "meta", dict(self.meta))
 
     @classmethod
-    def from_pixels(
-        cls, xyz_px: Any, um_per_px: float | Sequence[float], **kwargs: Any
-    ) -> Worm:
+    def from_pixels(cls, xyz_px: Any, um_per_px: float | Sequence[float], **kwargs: Any) -> Worm:
         """Builds a Worm from voxel coordinates.
 
         Args:
@@ -205,7 +205,9 @@ class Worm:
             raise ValueError(f"{name} has no color; pass use_color=False or give it color")
         c = self.color
         if c.shape[1] < 3:
-            raise ValueError(f"{name} color has {c.shape[1]} channels; the color term needs ≥ 3 (R,G,B)")
+            raise ValueError(
+                f"{name} color has {c.shape[1]} channels; the color term needs ≥ 3 (R,G,B)"
+            )
         neg = c < 0
         if neg.mean() > 0.25:
             raise ValueError(

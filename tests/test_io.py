@@ -101,8 +101,13 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path, worm):
 
 
 def test_pickle_needs_trust(tmp_path, np_rng):
-    d = {"pts": np_rng.uniform(0, 100, (6, 3)), "name": ["A", "", "B", "C", "", "D"],
-         "fluo": np_rng.uniform(1, 2, (6, 4)), "mask_keep": np.array([0, 2, 3, 5]), "side": 0}
+    d = {
+        "pts": np_rng.uniform(0, 100, (6, 3)),
+        "name": ["A", "", "B", "C", "", "D"],
+        "fluo": np_rng.uniform(1, 2, (6, 4)),
+        "mask_keep": np.array([0, 2, 3, 5]),
+        "side": 0,
+    }
     path = tmp_path / "w.data"
     path.write_bytes(pickle.dumps(d))
     with pytest.raises(WormFileError, match="arbitrary code"):

@@ -9,9 +9,7 @@ from fdnc_jax import losses
 def test_loss_hand_computed():
     # One pair, template of 2 slots + outlier column, 4 test points:
     # matched to slot 1, outlier, unlabelled, padding.
-    p = np.array(
-        [[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4]], np.float32
-    )
+    p = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4]], np.float32)
     log_probs = jnp.log(p)[None]
     target = jnp.array([[1, -2, -1, 0]])
     mask = jnp.array([[True, True, True, False]])

@@ -47,7 +47,7 @@ def test_permutation_and_padding():
     pmask = jnp.concatenate([mask, jnp.zeros(7, bool)])
     out = canonical_pose(padded, pmask)
     np.testing.assert_allclose(out[: len(x)], a, atol=1e-5)
-    assert float(jnp.abs(out[len(x):]).max()) == 0.0
+    assert float(jnp.abs(out[len(x) :]).max()) == 0.0
 
 
 def test_proper_rotation_and_batch():
@@ -68,3 +68,33 @@ def test_sign_flips():
     assert len({tuple(s) for s in SIGN_FLIPS}) == 8
     np.testing.assert_array_equal(np.prod(SIGN_FLIPS[:4], 1), 1)
     np.testing.assert_array_equal(np.prod(SIGN_FLIPS[4:], 1), -1)
+
+
+def test_oracle_signs_pick_the_best_flip():
+    from fdnc_jax.datasets import bundled_worm_paths
+    from fdnc_jax.io import load_worm
+    from fdnc_jax.pose import oracle_signs
+    from fdnc_jax.sim.config import SimConfig
+    from fdnc_jax.sim.pairs import make_pair_batch, make_source_bank
+
+    bank = make_source_bank([load_worm(p) for p in bundled_worm_paths()[:3]])
+    b = make_pair_batch(jax.random.key(3), bank, 8, SimConfig())
+    signs = np.asarray(
+        oracle_signs(b.template_xyz, b.template_mask, b.test_xyz, b.test_mask, b.target)
+    )
+    t = np.asarray(canonical_pose_batch(b.template_xyz, b.template_mask))
+    s = np.asarray(canonical_pose_batch(b.test_xyz, b.test_mask))
+    for i in range(8):
+        ok = np.asarray(b.test_mask[i] & (b.target[i] >= 0))
+        partner = t[i][np.asarray(b.target[i])[ok]]
+        errors = [np.sum((s[i][ok] * f[None, :] - partner) ** 2) for f in SIGN_FLIPS[:4]]
+        np.testing.assert_array_equal(signs[i], SIGN_FLIPS[int(np.argmin(errors))])
+    # Identical clouds need no flip.
+    same = oracle_signs(
+        b.template_xyz,
+        b.template_mask,
+        b.template_xyz,
+        b.template_mask,
+        jnp.where(b.template_mask, jnp.arange(b.template_mask.shape[1])[None, :], -3),
+    )
+    np.testing.assert_array_equal(np.asarray(same), np.ones((8, 3)))

@@ -299,3 +299,23 @@ def test_duplicate_template_names_rejected(model):
         template = cloud(20, 90, names=names)
     with pytest.raises(ValueError, match="duplicated"):
         fd.predict(model, template, cloud(20, 91))
+
+
+def test_ensemble_of_one_template_twice_equals_single(model):
+    template, test = fd.load_demo_pair()
+    named = template.subset(np.flatnonzero(template.labelled))  # votes are over names only
+    single = fd.predict(model, named, test, use_color=False)
+    ens = fd.predict(model, [named, named], test, use_color=False)
+    np.testing.assert_array_equal(ens.template_names, np.sort(named.names))
+    np.testing.assert_array_equal(ens.labels, single.labels)
+    np.testing.assert_allclose(ens.probability, single.probability, atol=1e-5)
+    np.testing.assert_allclose(ens.outlier_probability, single.outlier_probability, atol=1e-5)
+    assert ens.template_names[ens.assignment[0]] == ens.labels[0]
+
+
+def test_ensemble_bad_input(model):
+    template, test = fd.load_demo_pair()
+    with pytest.raises(ValueError, match="templates is empty"):
+        fd.predict(model, [], test)
+    with pytest.raises(ValueError, match="has no names"):
+        fd.predict(model, [template, template.replace(names=None)], test)

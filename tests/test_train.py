@@ -70,7 +70,7 @@ def test_load_checkpoint_predicts_one_to_one(trained):
 
 def test_kill_and_resume_is_exact(tmp_path):
     config = tiny_config(steps=20, eval_every=5, log_every=5, checkpoint_every=10)
-    straight = train_and_evaluate(config, tmp_path / "a")
+    train_and_evaluate(config, tmp_path / "a")
     config.train.steps = 10
     train_and_evaluate(config, tmp_path / "b")
     # Simulate a kill after step 13: metrics written past the last checkpoint are dropped on resume.
@@ -181,8 +181,17 @@ def test_data_parallel_matches_single_device(tmp_path):
     for n in (1, 2):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
         res = subprocess.run(
-            [sys.executable, "-c", _DP_SCRIPT, str(ROOT / "configs" / "tiny.py"), str(tmp_path / str(n))],
-            env=env, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-c",
+                _DP_SCRIPT,
+                str(ROOT / "configs" / "tiny.py"),
+                str(tmp_path / str(n)),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert res.returncode == 0, res.stderr[-2000:]
         assert json.loads(res.stdout.strip().splitlines()[-1])["devices"] == n

@@ -15,18 +15,28 @@ from absl import app, flags
 from fdnc_jax.cli._common import run_main
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy.")
-flags.DEFINE_string("template", None, "Template worm file (.npz/.csv; positions in µm, names optional).")
+flags.DEFINE_bool(
+    "demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy."
+)
+flags.DEFINE_string(
+    "template", None, "Template worm file (.npz/.csv; positions in µm, names optional)."
+)
 flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
 flags.DEFINE_enum(
-    "use_color", "auto", ["auto", "true", "false"],
+    "use_color",
+    "auto",
+    ["auto", "true", "false"],
     "Add the NeuroPAL color term (weight --color_weight); auto = when all worms have color.",
 )
 flags.DEFINE_float("color_weight", 60.0, "Weight of the color log-likelihood term (original: 60).")
 flags.DEFINE_integer("top_k", 5, "Candidates per test neuron (1 ≤ top_k ≤ template neurons).")
 flags.DEFINE_float("min_probability", 0.0, "Assignments below this probability get no label (0–1).")
-flags.DEFINE_string("out", None, "CSV to write (one row per test neuron; with several tests, "
-                    "one file per test: OUT stem + _<test stem>.csv).")
+flags.DEFINE_string(
+    "out",
+    None,
+    "CSV to write (one row per test neuron; with several tests, "
+    "one file per test: OUT stem + _<test stem>.csv).",
+)
 flags.DEFINE_string("checkpoint", None, "Training workdir to load weights from (default: bundled).")
 flags.DEFINE_string("weights", "default", "Name of bundled weights when --checkpoint is not given.")
 flags.DEFINE_bool("mirrored_test", False, "Test worms lie on the other side (negate x and z).")
@@ -38,7 +48,9 @@ def _table(template, test, pred) -> str:
     for i in range(test.n):
         truth, guess = test.names[i], pred.labels[i]
         mark = "" if not truth else ("✓" if truth == guess else "✗")
-        lines.append(f"{i:>4} {truth or '-':>10} {guess or '-':>10} {pred.probability[i]:>6.2f}  {mark}")
+        lines.append(
+            f"{i:>4} {truth or '-':>10} {guess or '-':>10} {pred.probability[i]:>6.2f}  {mark}"
+        )
     return "\n".join(lines)
 
 
@@ -69,8 +81,13 @@ def main(argv):
             else fd.load_pretrained(FLAGS.weights)
         )
         preds = fd.predict_batch(
-            model, template, tests, use_color=use_color, color_weight=FLAGS.color_weight,
-            top_k=FLAGS.top_k, min_probability=FLAGS.min_probability,
+            model,
+            template,
+            tests,
+            use_color=use_color,
+            color_weight=FLAGS.color_weight,
+            top_k=FLAGS.top_k,
+            min_probability=FLAGS.min_probability,
         )
     except (ValueError, TypeError) as e:
         print(f"fdnc-predict: error: {e}", file=sys.stderr)
@@ -80,8 +97,10 @@ def main(argv):
             print(_table(template, test, pred))
         correct, counted = name_accuracy(template, test, pred.labels)
         if counted:
-            print(f"{path.name}: accuracy {correct}/{counted} = {correct / counted:.1%} "
-                  "(annotated test neurons whose name is in the template)")
+            print(
+                f"{path.name}: accuracy {correct}/{counted} = {correct / counted:.1%} "
+                "(annotated test neurons whose name is in the template)"
+            )
         if FLAGS.out:
             out = Path(FLAGS.out)
             if len(tests) > 1:

@@ -14,7 +14,10 @@ from fdnc_jax.cli._common import run_main
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Training config file (configs/default.py, small.py or tiny.py).", lock_config=True
+    "config",
+    None,
+    "Training config file (configs/default.py, small.py or tiny.py).",
+    lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, config.json and metrics.jsonl.")
 flags.DEFINE_bool(
@@ -38,8 +41,10 @@ def main(argv):
 
     logging.info("JAX devices: %s", jax.devices())
     model = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(f"best validation accuracy {model.info.get('best_accuracy', float('nan')):.4f} "
-          f"(step {model.info.get('step')}); checkpoints in {FLAGS.workdir}/checkpoints")
+    print(
+        f"best validation accuracy {model.info.get('best_accuracy', float('nan')):.4f} "
+        f"(step {model.info.get('step')}); checkpoints in {FLAGS.workdir}/checkpoints"
+    )
 
 
 def run():

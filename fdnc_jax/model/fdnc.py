@@ -36,10 +36,14 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown model config field(s) {sorted(unknown)}; known: {sorted(names)}")
+            raise ValueError(
+                f"unknown model config field(s) {sorted(unknown)}; known: {sorted(names)}"
+            )
         cfg = cls(**dict(d))
         if cfg.width % cfg.heads:
-            raise ValueError(f"model.width={cfg.width} must be divisible by model.heads={cfg.heads}")
+            raise ValueError(
+                f"model.width={cfg.width} must be divisible by model.heads={cfg.heads}"
+            )
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
         if min(cfg.width, cfg.layers, cfg.heads, cfg.ff_width) <= 0 or cfg.color_features < 0:
@@ -139,13 +143,17 @@ class Model:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def create(cls, config: ModelConfig, seed: int = 0, info: Mapping[str, Any] | None = None) -> Model:
+    def create(
+        cls, config: ModelConfig, seed: int = 0, info: Mapping[str, Any] | None = None
+    ) -> Model:
         """A freshly initialised model (random weights: train it before use)."""
         graphdef, params, other = nnx.split(FDNC(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)
         return cls(graphdef, params, other, config, dict(info or {}))
 
     def replace_params(self, params: Any, info: Mapping[str, Any] | None = None) -> Model:
-        return dataclasses.replace(self, params=params, info=dict(info if info is not None else self.info))
+        return dataclasses.replace(
+            self, params=params, info=dict(info if info is not None else self.info)
+        )
 
     def module(self, params: Any | None = None) -> FDNC:
         """The NNX module with ``params`` (default: this model's)."""

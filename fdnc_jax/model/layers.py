@@ -24,7 +24,9 @@ class PointEmbedding(nnx.Module):
         coordinates of order one.
     """
 
-    def __init__(self, in_features: int, width: int, *, rngs: nnx.Rngs, position_scale: float = 4.0):
+    def __init__(
+        self, in_features: int, width: int, *, rngs: nnx.Rngs, position_scale: float = 4.0
+    ):
         self.linear = nnx.Linear(in_features, width, rngs=rngs)
         self.position_scale = position_scale
 
@@ -69,4 +71,6 @@ class EncoderBlock(nnx.Module):
 
 def key_padding_mask(valid: jax.Array) -> jax.Array:
     """valid: [B, L] bool → [B, 1, L, L] attention mask letting every query attend to valid keys."""
-    return jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, valid.shape[1], valid.shape[1]))
+    return jnp.broadcast_to(
+        valid[:, None, None, :], (valid.shape[0], 1, valid.shape[1], valid.shape[1])
+    )

@@ -42,11 +42,15 @@ def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Wor
         train = [w for w in worms if datasets.lab_of(w) != data_cfg.val_lab]
         if not val:
             labs = sorted({datasets.lab_of(w) for w in worms})
-            raise ValueError(f"config.data.val_lab={data_cfg.val_lab!r} matches no worm; labs: {labs}")
+            raise ValueError(
+                f"config.data.val_lab={data_cfg.val_lab!r} matches no worm; labs: {labs}"
+            )
     else:
         n_val = max(1, int(round(len(worms) * data_cfg.val_fraction)))
         if n_val >= len(worms):
-            raise ValueError(f"{len(worms)} source worms are too few to hold out {n_val} for validation")
+            raise ValueError(
+                f"{len(worms)} source worms are too few to hold out {n_val} for validation"
+            )
         # Deterministic, independent of file order: rank worms by a hash of their file name.
         keys = [
             _hash_uniform(data_cfg.split_seed, *str(w.meta.get("file", i)).encode())
@@ -108,7 +112,10 @@ def validation_batches(
     """A fixed held-out semi-synthetic set: the same pairs at every evaluation and on resume."""
     key = jax.random.key(seed)
     n_batches = max(1, -(-num_pairs // batch_size))
-    return [make_pair_batch(jax.random.fold_in(key, i), bank, batch_size, sim_cfg) for i in range(n_batches)]
+    return [
+        make_pair_batch(jax.random.fold_in(key, i), bank, batch_size, sim_cfg)
+        for i in range(n_batches)
+    ]
 
 
 def evaluate(eval_step, params, batches: Sequence[PairBatch]) -> dict[str, float]:
@@ -174,7 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tcfg = config.train
     n_dev = jax.device_count()
     if tcfg.batch_size % n_dev:
-        raise ValueError(f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices")
+        raise ValueError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices"
+        )
 
     train_worms, val_worms = split_sources(load_sources(config.data), config.data)
     use_color = model_cfg.color_features > 0
@@ -189,7 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     logging.info(
         "sources: %d training worms in banks of %s points, %d validation worms",
-        len(train_worms), [b.num_points for b in train_banks], len(val_worms),
+        len(train_worms),
+        [b.num_points for b in train_banks],
+        len(val_worms),
     )
 
     model = Model.create(model_cfg, seed=config.seed)
@@ -246,11 +257,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"{store.root / ckpt.LATEST} (lower train.learning_rate and resume)"
                     )
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                record = {"step": step, **host, "lr": train_step_lib.learning_rate(state),
-                          "elapsed_s": round(time.time() - t0, 2)}
+                record = {
+                    "step": step,
+                    **host,
+                    "lr": train_step_lib.learning_rate(state),
+                    "elapsed_s": round(time.time() - t0, 2),
+                }
             if step % tcfg.eval_every == 0 or is_last:
                 val = evaluate(eval_step, state.params, val_batches)
-                record = {**(record or {"step": step, "elapsed_s": round(time.time() - t0, 2)}), **val}
+                record = {
+                    **(record or {"step": step, "elapsed_s": round(time.time() - t0, 2)}),
+                    **val,
+                }
                 if val["accuracy"] > run["best_accuracy"]:
                     run.update(best_accuracy=val["accuracy"], bad_evals=0)
                     best_state = jax.device_get(state)
@@ -263,8 +281,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         lr = train_step_lib.learning_rate(state) * tcfg.plateau_factor
                         restored_best = train_step_lib.with_learning_rate(best_state, lr)
                         state = jax.device_put(
-                            type(state)(state.step, restored_best.params, restored_best.opt_state,
-                                        state.nonfinite),
+                            type(state)(
+                                state.step,
+                                restored_best.params,
+                                restored_best.opt_state,
+                                state.nonfinite,
+                            ),
                             replicated,
                         )
                         _say(f"plateau: restored best weights, learning rate → {lr:.3g}", tcfg)

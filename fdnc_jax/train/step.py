@@ -16,6 +16,7 @@ import optax
 
 from fdnc_jax import losses
 from fdnc_jax.model.fdnc import Model
+from fdnc_jax.pose import oracle_signs
 from fdnc_jax.sim.config import SimConfig
 from fdnc_jax.sim.pairs import make_pair_batch
 from fdnc_jax.types import PairBatch, SourceBank
@@ -79,7 +80,17 @@ def init_state(model: Model, tx: optax.GradientTransformation) -> TrainState:
 def forward(
     model: Model, params: Any, batch: PairBatch, *, deterministic: bool, dropout_key=None
 ) -> jax.Array:
-    """Log-probs [B, M, N + 1] of ``model`` with ``params`` on a PairBatch."""
+    """Log-probs [B, M, N + 1] of ``model`` with ``params`` on a PairBatch.
+
+    Canonical-pose models see each test in the flip of its canonical axes that agrees with the
+    template (``pose.oracle_signs``, from the known correspondence): they learn to match in one
+    consistent frame, and inference searches over the flips instead.
+    """
+    test_signs = None
+    if model.config.canonical_pose:
+        test_signs = oracle_signs(
+            batch.template_xyz, batch.template_mask, batch.test_xyz, batch.test_mask, batch.target
+        )
     return model.module(params)(
         batch.template_xyz,
         batch.template_mask,
@@ -87,6 +98,7 @@ def forward(
         batch.test_mask,
         batch.template_color,
         batch.test_color,
+        test_signs=test_signs,
         deterministic=deterministic,
         dropout_key=dropout_key,
     )
