@@ -73,6 +73,7 @@ METHODS: tuple[str, ...] = (
 # Methods with probabilities and top-k candidates. "+mirror": the test may also be matched as a
 # mirror image (predict orientation="auto+mirror"), for data whose handedness is unknown.
 FDNC_METHODS = ("fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror")
+DEFAULT_METHODS = ("fdnc", "fdnc+color", "cpd", "none")  # The paper's comparison.
 TOP_K = (3, 5)
 CALIBRATION_BINS = 10
 CPD_METHOD = "rigid+nonrigid"
@@ -574,7 +575,7 @@ def evaluate_pairs(
     model: Model | None,
     worms: Sequence[Worm],
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     template: Worm | str | None = None,
     max_pairs: int | None = None,
     seed: int = 0,

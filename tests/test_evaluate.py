@@ -181,12 +181,12 @@ def test_evaluate_pairs_end_to_end(model, tmp_path):
         assert entry["seconds_per_pair"] >= 0.0
         assert ("top3" in entry) == method.startswith("fdnc")
         assert ("ece" in entry) == method.startswith("fdnc")
-    assert {m: s["n_pairs"] for m, s in summary.items()} == {m: 6 for m in ev.METHODS}
+    assert {m: s["n_pairs"] for m, s in summary.items()} == {m: 6 for m in ev.DEFAULT_METHODS}
     for name in ["summary.json", "pairs.csv", "per_neuron.csv", "wilcoxon.csv", "calibration.json",
                  "skipped.csv", "accuracy.png", "calibration.png", "matches_example.png"]:
         assert (tmp_path / "out" / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "out" / "pairs.csv")))
-    assert len(rows) == 24 and {r["method"] for r in rows} == set(ev.METHODS)
+    assert len(rows) == 24 and {r["method"] for r in rows} == set(ev.DEFAULT_METHODS)
     wil = list(csv.DictReader(open(tmp_path / "out" / "wilcoxon.csv")))
     assert len(wil) == 6
     calib = json.loads((tmp_path / "out" / "calibration.json").read_text())

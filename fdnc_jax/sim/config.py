@@ -20,8 +20,8 @@ to the naming errors that fatten the real RMS tail). Bend: the real worms' cente
 the median is |κ0| 6.3/mm median (90th pct 11.4/mm), so κ0 ~ U(±10/mm); the cubic term of real worms
 is dominated by anatomy, not posture, so the curvature change is kept small (moving worms: ~1/mm per
 100 µm). Mirroring: 37 of 38 SF worms and 5 of 21 SK1 worms are mirror images of the EY/NP worms (a
-reflection cuts their similarity RMS by ~40%); the simulator never mirrors — flag such worms
-``mirrored``.
+reflection cuts their similarity RMS by ~40%); the simulator never mirrors. (``Worm.mirrored`` is the
+original's "other side", a 180° rotation, and does not undo a reflection: negate one axis instead.)
 """
 
 from __future__ import annotations
