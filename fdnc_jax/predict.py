@@ -290,6 +290,22 @@ def _log_probs(
     return [found[i, h] for i, h in enumerate(chosen)], chosen
 
 
+def _color_kwargs(template: Worm, test: Worm, use_color: bool, color_weight: float) -> dict:
+    """The color arguments of ``matching.match`` / ``match_scores`` (empty without color)."""
+    if not use_color:
+        return {}
+    return {
+        "template_color": template.color_for_matching("template"),
+        "test_color": test.color_for_matching("test"),
+        "color_weight": color_weight,
+    }
+
+
+def _labels_of(names: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """[M] names of the assigned template neurons, '' where unassigned (−1)."""
+    return np.append(names, "")[np.where(assignment >= 0, assignment, len(names))]
+
+
 def _prediction(
     log_probs: np.ndarray,
     template: Worm,
@@ -300,16 +316,9 @@ def _prediction(
     min_probability: float,
     signs: np.ndarray,
 ) -> Prediction:
-    kwargs = {}
-    if use_color:
-        kwargs = {
-            "template_color": template.color_for_matching("template"),
-            "test_color": test.color_for_matching("test"),
-            "color_weight": color_weight,
-        }
-    m = matching.match(log_probs, top_k=top_k, min_probability=min_probability, **kwargs)
-    names = np.append(template.names, "")
-    labels = names[np.where(m.assignment >= 0, m.assignment, template.n)]
+    colors = _color_kwargs(template, test, use_color, color_weight)
+    m = matching.match(log_probs, top_k=top_k, min_probability=min_probability, **colors)
+    labels = _labels_of(template.names, m.assignment)
     return Prediction(
         assignment=m.assignment.astype(np.int64),
         labels=labels,
@@ -456,13 +465,8 @@ def predict_ensemble(
     outlier = np.zeros((test.n,))
     signs = orientation_hypotheses(model, orientation)
     for t in templates:
-        colors = {}
-        if _check_inputs(model, t, [test], use_color, min(top_k, t.n), min_probability):
-            colors = {
-                "template_color": t.color_for_matching("template"),
-                "test_color": test.color_for_matching("test"),
-                "color_weight": color_weight,
-            }
+        t_use_color = _check_inputs(model, t, [test], use_color, min(top_k, t.n), min_probability)
+        colors = _color_kwargs(t, test, t_use_color, color_weight)
         (lp,), _ = _log_probs(model, t, [test], signs)  # [M, N_t + 1]
         probs = matching.row_softmax(matching.match_scores(lp, **colors))  # [M, N_t]
         column = np.searchsorted(names, t.names[t.labelled])
@@ -476,7 +480,7 @@ def predict_ensemble(
     with np.errstate(divide="ignore"):
         table = np.concatenate([np.log(mean), np.log(outlier_mean)[:, None]], axis=1)
     m = matching.match(table, top_k=top_k, min_probability=min_probability)
-    labels = np.append(names, "")[np.where(m.assignment >= 0, m.assignment, len(names))]
+    labels = _labels_of(names, m.assignment)
     return Prediction(
         assignment=m.assignment.astype(np.int64),
         labels=labels,
