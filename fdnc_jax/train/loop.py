@@ -34,7 +34,8 @@ from fdnc_jax.worm import Worm
 
 
 def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Worm]]:
-    """(train, validation) worms: a whole held-out lab (``val_lab``) or the last ``val_fraction``."""
+    """(train, validation) worms: a whole held-out lab (``val_lab``) or a ``val_fraction`` chosen by a
+    seeded hash of the file names (independent of file order)."""
     if not worms:
         raise ValueError("config.data.sources matched no worms")
     if data_cfg.val_lab:
