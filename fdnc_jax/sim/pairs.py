@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fdnc_jax import matching
 from fdnc_jax.sim import transforms as T
 from fdnc_jax.sim.config import SimConfig
 from fdnc_jax.types import OUTLIER, PADDING, UNLABELLED, PairBatch, SourceBank
@@ -29,23 +30,20 @@ from fdnc_jax.worm import MIN_NEURONS, Worm, to_model_units
 
 Array = jax.Array
 NUM_COLOR_CHANNELS = 3  # R, G, B: the channels the color term uses.
-_COLOR_FLOOR = 1e-5
+_COLOR_FLOOR = matching.COLOR_FLOOR
 
 
-def normalize_color(color: np.ndarray, num_channels: int = NUM_COLOR_CHANNELS) -> np.ndarray:
-    """Per-neuron color normalisation of the original: first channels, ≥ 0, divided by the row sum.
+def normalize_color(color: np.ndarray) -> np.ndarray:
+    """Per-neuron color normalisation, exactly as inference does it (``matching.normalize_color``),
+    after clipping background-subtracted negative intensities to 0.
 
     Args:
-      color: [N, C'] raw intensities, C' ≥ num_channels.
-      num_channels: channels kept (the first ones).
+      color: [N, C'] raw intensities, C' ≥ 3.
 
     Returns:
-      [N, num_channels] float32 rows summing to ~1, clipped ≥ 1e-5 (rows without signal: uniform).
+      [N, 3] float32 rows summing to ~1, clipped ≥ 1e-5 (rows without signal: uniform).
     """
-    c = np.maximum(np.asarray(color, np.float64)[:, :num_channels], 0.0)
-    total = c.sum(axis=1, keepdims=True)
-    c = np.where(total > 0, c / np.where(total > 0, total, 1.0), 1.0 / num_channels)
-    return np.maximum(c, _COLOR_FLOOR).astype(np.float32)
+    return matching.normalize_color(np.maximum(np.asarray(color, np.float64), 0.0)).astype(np.float32)
 
 
 def make_source_bank(

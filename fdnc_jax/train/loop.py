@@ -191,9 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_banks = bucketed_source_banks(train_worms, config.data.source_buckets, use_color)
     bank_weights = np.array([b.num_sources for b in train_banks], np.float64)
     bank_weights /= bank_weights.sum()
-    val_bank = make_source_bank(
-        val_worms, _round_up(max(w.n for w in val_worms)), use_color=use_color
-    )
+    val_bank = make_source_bank(val_worms, use_color=use_color)  # sized to its largest worm
     val_batches = validation_batches(
         val_bank, config.data.val_pairs, tcfg.batch_size, sim_cfg, config.seed + 1_000_003
     )
