@@ -6,6 +6,7 @@ Example:
   >>> pred = fd.predict(fd.load_pretrained(), template, test, top_k=5)  # doctest: +SKIP
 """
 
+from fdnc_jax.atlas import build_atlas, load_atlas
 from fdnc_jax.checkpoint import load_checkpoint, load_pretrained
 from fdnc_jax.datasets import load_demo_pair
 from fdnc_jax.io import load_fdnc_pickle, load_worm, save_worm
@@ -19,6 +20,8 @@ __all__ = [
     "Model",
     "Prediction",
     "Worm",
+    "build_atlas",
+    "load_atlas",
     "load_checkpoint",
     "load_demo_pair",
     "load_fdnc_pickle",

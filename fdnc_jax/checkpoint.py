@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from fdnc_jax.io import atomic_write
+from fdnc_jax.io import atomic_write, write_npz
 from fdnc_jax.model.fdnc import Model, ModelConfig
 
 PathLike = str | os.PathLike
@@ -189,7 +189,7 @@ def save_weights(model: Model, path: PathLike) -> None:
     arrays = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
     arrays["__config__"] = np.asarray(json.dumps(dataclasses.asdict(model.config)))
     arrays["__info__"] = np.asarray(json.dumps(dict(model.info), default=str))
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    atomic_write(path, lambda f: write_npz(f, arrays))
 
 
 def load_weights(path: PathLike) -> Model:

@@ -7,6 +7,7 @@ never a partial worm. NWB is not read yet: no NWB file could be checked here, so
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import pickle
@@ -151,7 +152,28 @@ def _write_npz(worm: Worm, f) -> None:
         arrays["uncertain"] = np.asarray(meta.pop("uncertain"), bool)
     arrays["mirrored"] = np.asarray(worm.mirrored)
     arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True, default=str))
-    np.savez_compressed(f, **arrays)
+    write_npz(f, arrays)
+
+
+def write_npz(f: IO[bytes], arrays: dict[str, Any]) -> None:
+    """Writes ``arrays`` as a compressed ``.npz`` whose bytes depend on the arrays only.
+
+    ``np.savez_compressed`` stamps each member with the current time, so two saves of the same
+    arrays differ; here every member gets a fixed 1980-01-01 timestamp and the members are written
+    in sorted order, so bundled files can be rebuilt byte for byte. ``np.load`` reads the result.
+
+    Args:
+      f: a binary file object opened for writing.
+      arrays: name → array (names without the ``.npy`` suffix).
+    """
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
+            zf.writestr(info, buf.getvalue(), compresslevel=6)
 
 
 _RGB = ("r", "g", "b", "w")

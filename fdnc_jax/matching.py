@@ -145,22 +145,17 @@ def color_log_likelihood(template_color: ArrayLike, test_color: ArrayLike) -> np
 
     Args:
       template_color: [N, C] template neuron colors (C >= 3, non-negative).
-      test_color: [M, C] test neuron colors (same C).
+      test_color: [M, C'] test neuron colors (C' >= 3; only R, G, B — the first three channels —
+        are compared, so an RGBW worm matches an RGB one).
 
     Returns:
       [M, N] float64 color log-likelihood.
 
     Raises:
-      ValueError: wrong rank, fewer than 3 channels, channel-count mismatch, negative or
-        non-finite values.
+      ValueError: wrong rank, fewer than 3 channels, negative or non-finite values.
     """
     x_raw = _check_color(template_color, "template_color", rank=2)
     y_raw = _check_color(test_color, "test_color", rank=2)
-    if x_raw.shape[-1] != y_raw.shape[-1]:
-        raise ValueError(
-            f"template_color and test_color must have the same number of channels, got "
-            f"template_color C={x_raw.shape[-1]} and test_color C={y_raw.shape[-1]}"
-        )
     x = _normalize(x_raw)
     y = _normalize(y_raw)
     log_x = np.log(x)

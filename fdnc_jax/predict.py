@@ -190,11 +190,7 @@ def _check_inputs(
         for i, t in enumerate(tests):
             if not t.has_color:
                 raise ValueError(f"use_color=True but test worm {i} has no color")
-            if t.color.shape[1] != template.color.shape[1]:
-                raise ValueError(
-                    f"color channel counts differ: template has {template.color.shape[1]}, "
-                    f"test worm {i} has {t.color.shape[1]}"
-                )
+            # Channel counts may differ (RGB vs RGBW): the color term reads R, G, B only.
     if model.uses_color and not both_color:
         raise ValueError("this model takes color as input: template and test worms need color")
     return bool(use_color)

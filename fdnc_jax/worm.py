@@ -232,12 +232,15 @@ class Worm:
     def subset(self, index: Any) -> Worm:
         """The worm restricted to neurons ``index`` (bool mask or integer indices)."""
         idx = np.asarray(index)
+        meta = dict(self.meta)
+        if "uncertain" in meta:  # Per-neuron flags follow the neurons.
+            meta["uncertain"] = np.asarray(meta["uncertain"], bool)[idx].tolist()
         return Worm(
             xyz_um=self.xyz_um[idx],
             names=self.names[idx],
             color=None if self.color is None else self.color[idx],
             mirrored=self.mirrored,
-            meta=self.meta,
+            meta=meta,
         )
 
     def __repr__(self) -> str:

@@ -260,12 +260,12 @@ def test_no_labelled_worms_is_a_clear_error():
         ev.evaluate_pairs(None, [_worm(0)], methods=("none",), progress=False)
 
 
-def test_unshared_names_and_mixed_colors_are_skipped(model, tmp_path):
+def test_unshared_names_skipped_and_mixed_channel_counts_evaluated(model, tmp_path):
     other = np.array([f"X{i}" for i in range(N)])
     worms = [
         _worm(0, wid="a"),
         _worm(1, wid="b"),
-        _worm(2, wid="sf", n_color=3),  # 3 color channels: fdnc+color impossible against a, b.
+        _worm(2, wid="sf", n_color=3),  # RGB against RGBW: the color term reads R, G, B.
         _worm(3, wid="alien", names=other),  # Shares no name with anyone.
     ]
     result = ev.evaluate_pairs(model, worms, methods=("fdnc", "fdnc+color", "none"),
@@ -273,16 +273,15 @@ def test_unshared_names_and_mixed_colors_are_skipped(model, tmp_path):
     reasons = {(s["template"], s["test"], s["method"]): s["reason"] for s in result.skipped}
     assert "no shared names" in reasons[("a", "alien", "all")]
     assert "no shared names" in reasons[("alien", "b", "all")]
-    assert "channel counts differ" in reasons[("a", "sf", "fdnc+color")]
-    assert "channel counts differ" in reasons[("sf", "b", "fdnc+color")]
     evaluated = {(r["template"], r["test"], r["method"]) for r in result.records}
+    assert ("a", "sf", "fdnc+color") in evaluated and ("sf", "b", "fdnc+color") in evaluated
     assert ("a", "sf", "fdnc") in evaluated and ("a", "sf", "none") in evaluated
     assert ("a", "b", "fdnc+color") in evaluated and ("b", "a", "fdnc+color") in evaluated
-    assert len(evaluated) == 6 * 3 - 4  # 6 pairs without 'alien'; 4 mixed-color ones lose +color.
+    assert len(evaluated) == 6 * 3  # The 6 pairs without 'alien', every method.
     summary = ev.write_outputs(result, tmp_path, plots=False)
-    assert summary["fdnc+color"]["n_pairs"] == 2 and summary["fdnc"]["n_pairs"] == 6
+    assert summary["fdnc+color"]["n_pairs"] == 6 and summary["fdnc"]["n_pairs"] == 6
     rows = list(csv.DictReader(open(tmp_path / "skipped.csv")))
-    assert len(rows) == len(result.skipped) == 6 + 4
+    assert len(rows) == len(result.skipped) == 6
 
 
 def test_duplicated_template_names_are_not_scored(model):

@@ -108,3 +108,10 @@ def test_subset_keeps_fields(np_rng):
     w = Worm(xyz_um=_cloud(np_rng), names=[f"N{i}" for i in range(40)], color=np.ones((40, 3)))
     s = w.subset([0, 2, 4])
     assert s.n == 3 and list(s.names) == ["N0", "N2", "N4"] and s.color.shape == (3, 3)
+
+
+def test_subset_slices_uncertain_flags(np_rng):
+    flags = [i % 3 == 0 for i in range(40)]
+    w = Worm(xyz_um=_cloud(np_rng), names=[f"N{i}" for i in range(40)], meta={"uncertain": flags})
+    s = w.subset([0, 1, 3])
+    assert s.meta["uncertain"] == [True, False, True]
