@@ -8,7 +8,7 @@ not counted — a prediction there can be neither right nor wrong.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -26,11 +26,23 @@ def uncertain_mask(worm: Worm) -> np.ndarray:
     return u
 
 
-def countable(template: Worm, test: Worm, skip_uncertain: bool = True) -> np.ndarray:
-    """[M] bool, test neurons that count for accuracy."""
-    names = set(template.names[template.labelled].tolist())
-    if skip_uncertain:
-        names -= set(template.names[uncertain_mask(template)].tolist())
+def countable(
+    template: Worm | Collection[str], test: Worm, skip_uncertain: bool = True
+) -> np.ndarray:
+    """[M] bool, test neurons that count for accuracy.
+
+    Args:
+      template: the template Worm, or the names a matcher can assign (e.g. the union of an
+        ensemble's templates).
+      test: the annotated test worm.
+      skip_uncertain: leave out names marked uncertain in the template (Worm only) or the test.
+    """
+    if isinstance(template, Worm):
+        names = set(template.names[template.labelled].tolist())
+        if skip_uncertain:
+            names -= set(template.names[uncertain_mask(template)].tolist())
+    else:
+        names = set(template) - {""}
     ok = test.labelled & np.isin(test.names, list(names))
     if skip_uncertain:
         ok &= ~uncertain_mask(test)
@@ -38,12 +50,12 @@ def countable(template: Worm, test: Worm, skip_uncertain: bool = True) -> np.nda
 
 
 def name_accuracy(
-    template: Worm, test: Worm, predicted_labels: Sequence[str], skip_uncertain: bool = True
+    template: Worm | Collection[str], test: Worm, predicted_labels: Sequence[str], skip_uncertain: bool = True
 ) -> tuple[int, int]:
     """(correct, counted) for one test worm.
 
     Args:
-      template: the labelled template.
+      template: the labelled template (or the set of names the matcher can assign).
       test: the annotated test worm (names = ground truth).
       predicted_labels: [M] predicted names ('' = no label, counted as wrong).
       skip_uncertain: leave out names marked uncertain in either worm.

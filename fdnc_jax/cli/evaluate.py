@@ -7,6 +7,7 @@ Examples:
   fdnc-evaluate --mode=semisynthetic --data=heldout/ --num_pairs=2000 --out=eval_sim/
   fdnc-evaluate --mode=tracking --data='recording/vol_*.npz' --template=recording/vol_0000.npz \
       --tracking_by=index --out=eval_track/
+  fdnc-evaluate --mode=templates --data=data/wormnd --ensemble_size=5 --out=eval_templates/
 
 Writes OUT/summary.json, pairs.csv, per_neuron.csv, wilcoxon.csv, calibration.json, skipped.csv,
 plots, and prints a table. Intentionally kept short: all logic is in fdnc_jax.evaluate.
@@ -24,10 +25,13 @@ from fdnc_jax.cli._common import run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
-    "mode", "pairs", ["pairs", "semisynthetic", "tracking"],
+    "mode", "pairs", ["pairs", "semisynthetic", "tracking", "templates"],
     "pairs: across-animal accuracy on every ordered pair of labelled worms (or --template vs all); "
     "semisynthetic: simulated pairs from the --data worms with known correspondence; tracking: "
-    "--template volume vs every other volume of one animal.",
+    "--template volume vs every other volume of one animal; templates: leave-one-lab-out, an atlas "
+    "built from the other labs vs each of their animals as template vs an ensemble of "
+    "--ensemble_size of them, position only and with color (labs from meta['lab'] or the file "
+    "name prefix).",
 )
 flags.DEFINE_string(
     "data", None, "Worm files: a folder, a glob or a comma-separated list of .npz/.csv files "
@@ -62,6 +66,13 @@ flags.DEFINE_enum(
     "tracking_by", "name", ["name", "index"], "tracking mode ground truth: annotated names, or "
     "row index (volume neuron i = template neuron i).",
 )
+flags.DEFINE_integer(
+    "ensemble_size", 5, "templates mode: animals voting in the ensemble template (count; 0 = none)."
+)
+flags.DEFINE_integer(
+    "max_templates", None, "templates mode: at most this many single-animal templates per held-out "
+    "lab, a random subset chosen by --seed (count; default: all).",
+)
 flags.DEFINE_bool("plots", True, "Write PNG plots (accuracy box plot, calibration, example match).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -69,6 +80,7 @@ _DEFAULT_METHODS = {
     "pairs": ("fdnc", "fdnc+color", "cpd", "none"),
     "semisynthetic": ("fdnc", "cpd", "none"),
     "tracking": ("fdnc", "cpd", "none"),
+    "templates": ("fdnc",),
 }
 
 
@@ -138,6 +150,8 @@ def _evaluate():
         template = load_worm(FLAGS.template)
         template = _named(template, Path(FLAGS.template).stem)
     model = _load_model(methods)
+    if FLAGS.mode == "templates":
+        return _evaluate_templates(model, methods, worms, failed)
     if FLAGS.mode == "pairs":
         if template is not None:
             same = [w for w in worms if w.meta["worm"] == template.meta["worm"]]
@@ -165,6 +179,20 @@ def _evaluate():
     return result, summary
 
 
+def _evaluate_templates(model, methods, worms, failed):
+    from fdnc_jax import template_eval as te
+
+    if methods != ("fdnc",):
+        raise _Error("--mode=templates evaluates the fdnc matcher only (--methods=fdnc)")
+    result = te.evaluate_templates(
+        model, worms, ensemble_size=FLAGS.ensemble_size, max_single_templates=FLAGS.max_templates,
+        seed=FLAGS.seed, skip_uncertain=FLAGS.skip_uncertain, progress=FLAGS.progress,
+    )
+    result.skipped[:0] = [{"lab": "", "mode": "load", "reason": f["reason"]} for f in failed]
+    summary = te.write_template_outputs(result, FLAGS.out, plots=FLAGS.plots)
+    return result, summary
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"fdnc-evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -176,6 +204,14 @@ def main(argv):
     except (_Error, ValueError, TypeError, OSError) as e:
         print(f"fdnc-evaluate: error: {e}", file=sys.stderr)
         return 2
+    if FLAGS.mode == "templates":
+        from fdnc_jax.template_eval import format_template_table
+
+        print(format_template_table(summary))
+        for s in result.skipped:
+            print(f"skipped: {s['lab']} {s['mode']}: {s['reason']}")
+        print(f"\nwrote {FLAGS.out}/summary.json, templates.csv, skipped.csv, settings.json")
+        return 0
     print(format_table(summary))
     for note in result.notes[:10]:
         print(f"note: {note}")

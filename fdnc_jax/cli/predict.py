@@ -2,6 +2,7 @@
 
 Examples:
   fdnc-predict --demo
+  fdnc-predict --test=new_worm.csv --out=names.csv        # names from the bundled NeuroPAL atlas
   fdnc-predict --template=template.npz --test=vol1.csv,vol2.csv --out=preds.csv --top_k=3
 """
 
@@ -19,7 +20,8 @@ flags.DEFINE_bool(
     "demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy."
 )
 flags.DEFINE_string(
-    "template", None, "Template worm file (.npz/.csv; positions in µm, names optional)."
+    "template", "atlas", "Template worm file (.npz/.csv; positions in µm, names optional), or "
+    "'atlas' for the bundled NeuroPAL head atlas (194 named neurons, mean of 90 animals).",
 )
 flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
 flags.DEFINE_enum(
@@ -65,9 +67,12 @@ def main(argv):
             template, test = fd.load_demo_pair()
             tests, test_paths = [test], [Path("demo_test")]
         else:
-            if not FLAGS.template or not FLAGS.test:
-                raise app.UsageError("give --template and --test (or --demo)")
-            template = fd.load_worm(FLAGS.template)
+            if not FLAGS.test:
+                raise app.UsageError("give --test (and optionally --template), or --demo")
+            if FLAGS.template == "atlas":
+                template = fd.load_atlas()
+            else:
+                template = fd.load_worm(FLAGS.template)
             test_paths = [Path(p) for p in FLAGS.test]
             tests = [fd.load_worm(p) for p in test_paths]
         if FLAGS.mirrored_template:
