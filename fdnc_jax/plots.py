@@ -279,3 +279,70 @@ def plot_matches(
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
+
+
+def _ellipse_path(center: np.ndarray, cov: np.ndarray, n_sigma: float, n: int = 40) -> np.ndarray:
+    """[n, 2] points on the ``n_sigma`` contour of a 2-D Gaussian (center [2], cov [2, 2])."""
+    vals, vecs = np.linalg.eigh(cov)
+    t = np.linspace(0.0, 2.0 * np.pi, n)
+    circle = np.stack([np.cos(t), np.sin(t)], axis=1)  # [n, 2]
+    return center + n_sigma * (circle * np.sqrt(np.maximum(vals, 0.0))) @ vecs.T
+
+
+def plot_atlas(
+    atlas: Any = None,
+    path: str | os.PathLike | None = None,
+    *,
+    names: bool = True,
+    n_sigma: float = 1.0,
+) -> Figure:
+    """The atlas in three projections: mean positions in their mean NeuroPAL color, names, and the
+    ``n_sigma`` covariance ellipse of each name (how far it moves between animals).
+
+    Args:
+      atlas: an ``fdnc_jax.atlas.Atlas``, a path to an atlas ``.npz``, or None for the bundled one.
+      path: optional file to save the figure to.
+      names: write each neuron's name next to it.
+      n_sigma: ellipse size in standard deviations (1 = 39 % of animals inside in 2-D).
+
+    Returns:
+      The matplotlib Figure (axes in µm: x = the atlas's longest axis).
+
+    Example:
+      >>> fig = plot_atlas()  # the bundled head atlas
+      >>> len(fig.axes)
+      3
+    """
+    from fdnc_jax.atlas import Atlas, bundled_atlas_path
+
+    if atlas is None or isinstance(atlas, str | os.PathLike):
+        atlas = Atlas.load(bundled_atlas_path() if atlas is None else atlas)
+    if not isinstance(atlas, Atlas):
+        raise TypeError(f"atlas must be an Atlas, a path or None, got {type(atlas).__name__}")
+    xyz, cov = atlas.xyz_um, atlas.cov_um2
+    if atlas.color is not None:
+        rgb = atlas.color / np.maximum(atlas.color.max(axis=1, keepdims=True), 1e-9)
+    else:
+        rgb = np.tile([0.2, 0.2, 0.2], (atlas.n, 1))
+    views = [((0, 1), "x (µm)", "y (µm)"), ((0, 2), "x (µm)", "z (µm)"), ((1, 2), "y (µm)", "z (µm)")]
+    fig = Figure(figsize=(12.0, 5.6), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[4.5, 1.0])
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])]
+    for ax, ((a, b), xl, yl) in zip(axes, views, strict=True):
+        for k in range(atlas.n):
+            e = _ellipse_path(xyz[k, [a, b]], cov[k][np.ix_([a, b], [a, b])], n_sigma)
+            ax.plot(e[:, 0], e[:, 1], color=rgb[k], lw=0.6, alpha=0.6)
+        ax.scatter(xyz[:, a], xyz[:, b], c=rgb, s=14, edgecolors="black", linewidths=0.3, zorder=3)
+        if names:
+            for k in range(atlas.n):
+                ax.annotate(atlas.names[k], xyz[k, [a, b]], fontsize=4.5, xytext=(2, 2),
+                            textcoords="offset points")
+        ax.set_aspect("equal")
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+    n_animals = len(atlas.meta.get("animals", [])) or int(atlas.n_animals.max())
+    fig.suptitle(
+        f"atlas: {atlas.n} neurons, {n_animals} animals; ellipses = {n_sigma:g} σ of position "
+        "across animals"
+    )
+    return _save_figure(fig, path)

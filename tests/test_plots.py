@@ -49,3 +49,20 @@ def test_importing_plots_selects_no_backend():
     code = "import sys, fdnc_jax.plots; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plot_atlas_three_projections(tmp_path):
+    from fdnc_jax import plots
+    from fdnc_jax.atlas import Atlas, bundled_atlas_path
+
+    fig = plots.plot_atlas(path=tmp_path / "atlas.png")
+    assert len(fig.axes) == 3 and (tmp_path / "atlas.png").stat().st_size > 10_000
+    atlas = Atlas.load(bundled_atlas_path())
+    ax = fig.axes[0]
+    assert len(ax.lines) == atlas.n  # one covariance ellipse per name
+    assert len(ax.texts) == atlas.n
+    # The ellipse of a name spans its positional standard deviation along x.
+    e = plots._ellipse_path(np.zeros(2), np.diag([4.0, 1.0]), 1.0)
+    np.testing.assert_allclose(np.ptp(e, axis=0), [4.0, 2.0], atol=0.02)
+    with pytest.raises(TypeError, match="atlas must be"):
+        plots.plot_atlas(42)
