@@ -62,6 +62,10 @@ class AtlasConfig:
       max_scale_ratio: an animal whose fitted scale is off the median by more than this factor is an
         error (pixels mixed with µm, or a different species of coordinate).
       skip_uncertain: leave out names the annotator marked uncertain ('?').
+
+    Example:
+      >>> AtlasConfig(min_fraction=0.25).min_animals
+      3
     """
 
     min_animals: int = 3
@@ -102,6 +106,11 @@ class SimilarityTransform:
       rotation: [3, 3] orthogonal (det −1 when the fit mirrored the points).
       scale: isotropic factor.
       translation: [3] µm.
+
+    Example:
+      >>> t = SimilarityTransform(rotation=np.eye(3), scale=2.0, translation=np.ones(3))
+      >>> t.apply([[1.0, 0.0, 0.0]]).tolist()
+      [[3.0, 1.0, 1.0]]
     """
 
     rotation: np.ndarray
@@ -113,7 +122,12 @@ class SimilarityTransform:
         return bool(np.linalg.det(self.rotation) < 0)
 
     def apply(self, xyz: Any) -> np.ndarray:
-        """[N, 3] → [N, 3] transformed points."""
+        """[N, 3] → [N, 3] transformed points.
+
+        Example:
+          >>> SimilarityTransform(np.eye(3), 1.0, np.zeros(3)).apply(np.ones((2, 3))).shape
+          (2, 3)
+        """
         return self.scale * np.asarray(xyz, np.float64) @ self.rotation.T + self.translation
 
 
@@ -211,6 +225,11 @@ class Atlas:
       n_animals: [K] int, animals that annotate each name.
       color: [K, 3] mean normalised NeuroPAL color (R, G, B summing to 1), or None.
       meta: build record (config, command, animals used with their content hashes, fits).
+
+    Example:
+      >>> atlas = Atlas.load(bundled_atlas_path())
+      >>> atlas.cov_um2.shape == (atlas.n, 3, 3)
+      True
     """
 
     names: np.ndarray
@@ -225,7 +244,12 @@ class Atlas:
         return int(self.names.shape[0])
 
     def to_worm(self) -> Worm:
-        """The atlas as a template ``Worm`` (one neuron per name at its mean position)."""
+        """The atlas as a template ``Worm`` (one neuron per name at its mean position).
+
+        Example:
+          >>> Atlas.load(bundled_atlas_path()).to_worm().labelled.all()
+          np.True_
+        """
         return Worm(
             xyz_um=self.xyz_um.astype(np.float32),
             names=self.names,
@@ -237,6 +261,9 @@ class Atlas:
         """Writes the atlas to ``.npz`` atomically; the bytes depend only on the atlas.
 
         The file is also a worm file: ``load_worm(path)`` reads it as the template Worm.
+
+        Example:
+          >>> atlas.save("my_atlas.npz")  # doctest: +SKIP
         """
         p = Path(path)
         if p.suffix.lower() != ".npz":
@@ -255,7 +282,12 @@ class Atlas:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Atlas:
-        """Reads an atlas written by ``Atlas.save`` (raises WormFileError naming the file)."""
+        """Reads an atlas written by ``Atlas.save`` (raises WormFileError naming the file).
+
+        Example:
+          >>> Atlas.load(bundled_atlas_path()).n
+          194
+        """
         p = Path(path)
         try:
             with np.load(p, allow_pickle=False) as d:
@@ -276,7 +308,12 @@ class Atlas:
 
 
 def bundled_atlas_path() -> Path:
-    """Path of the atlas shipped in ``fdnc_jax/data`` (built from CC-BY-4.0 NeuroPAL worms)."""
+    """Path of the atlas shipped in ``fdnc_jax/data`` (built from CC-BY-4.0 NeuroPAL worms).
+
+    Example:
+      >>> bundled_atlas_path().name
+      'atlas_head.npz'
+    """
     return Path(os.fspath(importlib.resources.files("fdnc_jax") / "data" / BUNDLED_ATLAS))
 
 
@@ -304,7 +341,13 @@ def load_atlas(path: str | os.PathLike | None = None) -> Worm:
 
 
 def worm_digest(worm: Worm) -> str:
-    """sha256 (first 16 hex digits) of a worm's positions, names and color: its content identity."""
+    """sha256 (first 16 hex digits) of a worm's positions, names and color: its content identity.
+
+    Example:
+      >>> from fdnc_jax.datasets import load_bundled_worm
+      >>> len(worm_digest(load_bundled_worm("NP_11_YAaLR")))
+      16
+    """
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(worm.xyz_um, np.float32).tobytes())
     h.update("\x00".join(worm.names.tolist()).encode())

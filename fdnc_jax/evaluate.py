@@ -103,6 +103,12 @@ class EvalResult:
       settings: the evaluation's arguments (JSON-able).
       notes: remarks on the data (e.g. duplicated template names left out of the accuracy).
       example: (template, test, Prediction) of the first fdnc pair, for ``plots.plot_matches``.
+
+    Example:
+      >>> from fdnc_jax.datasets import load_demo_pair
+      >>> result = evaluate_pairs(None, list(load_demo_pair()), methods=("none",), progress=False)
+      >>> result.mode, len(result.records)  # both ordered pairs of the two demo worms
+      ('pairs', 2)
     """
 
     mode: str
@@ -118,14 +124,26 @@ class EvalResult:
     example: tuple[Worm, Worm, Prediction] | None = None
 
     def per_pair(self, key: str = "accuracy") -> dict[str, list[float]]:
-        """method → per-pair values of ``key`` ("accuracy", "top3", "top5", "seconds")."""
+        """method → per-pair values of ``key`` ("accuracy", "top3", "top5", "seconds").
+
+        Example:
+          >>> from fdnc_jax.datasets import load_demo_pair
+          >>> result = evaluate_pairs(None, list(load_demo_pair()), methods=("none",), progress=False)
+          >>> len(result.per_pair()["none"])
+          2
+        """
         out: dict[str, list[float]] = {m: [] for m in self.methods}
         for r in self.records:
             out.setdefault(r["method"], []).append(float(r[key]))
         return out
 
     def per_neuron(self) -> list[dict[str, Any]]:
-        """Rows (method, name, correct, counted, accuracy), sorted by method then name."""
+        """Rows (method, name, correct, counted, accuracy), sorted by method then name.
+
+        Example:
+          >>> result.per_neuron()[0]  # doctest: +SKIP
+          {'method': 'fdnc', 'name': 'ADAL', 'correct': 1, 'counted': 2, 'accuracy': 0.5}
+        """
         rows = []
         for method in self.methods:
             for name, (c, n) in sorted(self.neuron_hits.get(method, {}).items()):
@@ -136,7 +154,12 @@ class EvalResult:
         return rows
 
     def calibration(self, num_bins: int = CALIBRATION_BINS) -> dict[str, dict[str, Any]]:
-        """method → reliability bins and ECE (``calibration_bins``) of the fdnc methods."""
+        """method → reliability bins and ECE (``calibration_bins``) of the fdnc methods.
+
+        Example:
+          >>> result.calibration()["fdnc"]["ece"]  # doctest: +SKIP
+          0.08
+        """
         out = {}
         for method, chunks in self.confidence.items():
             if not chunks:
@@ -147,7 +170,15 @@ class EvalResult:
         return out
 
     def wilcoxon(self) -> list[dict[str, Any]]:
-        """Wilcoxon signed-rank tests between every two methods on the pairs both evaluated."""
+        """Wilcoxon signed-rank tests between every two methods on the pairs both evaluated.
+
+        Returns:
+          One dict per two methods: method_a, method_b, n_pairs, mean_a, mean_b, p_value.
+
+        Example:
+          >>> [(r["method_a"], r["method_b"]) for r in result.wilcoxon()]  # doctest: +SKIP
+          [('fdnc', 'cpd'), ('fdnc', 'none'), ('cpd', 'none')]
+        """
         acc: dict[str, dict[tuple[str, str], float]] = {m: {} for m in self.methods}
         for r in self.records:
             acc.setdefault(r["method"], {})[(r["template"], r["test"])] = float(r["accuracy"])
@@ -215,6 +246,11 @@ def calibration_bins(
     Returns:
       {"bins": [{"lo", "hi", "count", "confidence", "accuracy"}, ...] (NaN means in empty bins),
       "ece": expected calibration error Σ_b (n_b / K) |accuracy_b − confidence_b|, "n": K}.
+
+    Example:
+      >>> c = calibration_bins([0.9, 0.9, 0.2, 0.2], [True, True, False, True], num_bins=2)
+      >>> round(c["ece"], 3)
+      0.2
     """
     conf = np.clip(np.asarray(confidence, np.float64), 0.0, 1.0)
     hit = np.asarray(correct, bool)
@@ -550,7 +586,12 @@ def _evaluate_groups(
 def parse_methods(
     methods: Sequence[str] | str, allowed: Sequence[str] = METHODS
 ) -> tuple[str, ...]:
-    """Validated, de-duplicated method names from a sequence or a comma-separated string."""
+    """Validated, de-duplicated method names from a sequence or a comma-separated string.
+
+    Example:
+      >>> parse_methods("fdnc, cpd,fdnc")
+      ('fdnc', 'cpd')
+    """
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = tuple(dict.fromkeys(methods))
@@ -597,6 +638,12 @@ def evaluate_pairs(
 
     Raises:
       ValueError: no labelled worm, fewer than two worms to pair, an unknown method or template id.
+
+    Example:
+      >>> from fdnc_jax.datasets import load_demo_pair
+      >>> r = evaluate_pairs(None, list(load_demo_pair()), methods=("none",), progress=False)
+      >>> sorted({(x["template"], x["test"]) for x in r.records})
+      [('NP_11_YAaLR', 'NP_20_YAaLR'), ('NP_20_YAaLR', 'NP_11_YAaLR')]
     """
     methods = parse_methods(methods, METHODS)
     worms = list(worms)
@@ -682,6 +729,10 @@ def evaluate_tracking(
 
     Returns:
       The EvalResult (mode "tracking"; one record per volume and method).
+
+    Example:
+      >>> volumes = [load_worm(p) for p in sorted(Path("rec").glob("vol_*.npz"))]  # doctest: +SKIP
+      >>> result = evaluate_tracking(load_pretrained(), volumes[0], volumes[1:])  # doctest: +SKIP
     """
     if by not in ("name", "index"):
         raise ValueError(f"by must be 'name' or 'index', got {by!r}")
@@ -754,6 +805,13 @@ def evaluate_semisynthetic(
 
     Returns:
       The EvalResult (mode "semisynthetic"; pairs named ``sim<k>``).
+
+    Example:
+      >>> from fdnc_jax.datasets import load_demo_pair
+      >>> r = evaluate_semisynthetic(None, list(load_demo_pair()), num_pairs=4, methods=("none",),
+      ...                            progress=False)
+      >>> len(r.records)
+      4
     """
     from tqdm.auto import tqdm
 
@@ -871,6 +929,12 @@ def summarize(result: EvalResult) -> dict[str, dict[str, Any]]:
     percentile), "q25", "q75", "pooled" (Σ correct / Σ counted), "n_skipped", and for fdnc methods
     "top3", "top5" (mean per-pair top-k accuracy) and "ece" (expected calibration error of the
     match ``probability``).
+
+    Example:
+      >>> from fdnc_jax.datasets import load_demo_pair
+      >>> result = evaluate_pairs(None, list(load_demo_pair()), methods=("none",), progress=False)
+      >>> summarize(result)["none"]["n_pairs"]
+      2
     """
     calib = result.calibration()
     skipped: dict[str, int] = {}
@@ -907,7 +971,14 @@ def summarize(result: EvalResult) -> dict[str, dict[str, Any]]:
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-    """The summary as a text table: method, mean, median, IQR, top-1/3/5 (%), n_pairs, s/pair."""
+    """The summary as a text table: method, mean, median, IQR, top-1/3/5 (%), n_pairs, s/pair.
+
+    Example:
+      >>> from fdnc_jax.datasets import load_demo_pair
+      >>> result = evaluate_pairs(None, list(load_demo_pair()), methods=("none",), progress=False)
+      >>> print(format_table(summarize(result)))  # doctest: +ELLIPSIS
+      method ...
+    """
 
     def pct(v):
         return "-" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
@@ -946,6 +1017,10 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
     ``per_neuron.csv``, ``wilcoxon.csv`` (every two methods), ``calibration.json`` (fdnc methods),
     ``skipped.csv`` (pairs not evaluated, with the reason), ``settings.json``, and with ``plots``:
     ``accuracy.png`` (box + strip per method), ``calibration.png``, ``matches_example.png``.
+
+    Example:
+      >>> write_outputs(result, "eval_out/")["fdnc"]["mean"]  # doctest: +SKIP
+      0.21
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,9 @@ def plot_simulated_copies(
 
     Returns:
       The matplotlib Figure (2 rows: xy, xz; one column per worm).
+
+    Example:
+      >>> fig = plot_simulated_copies(source_xyz, copies_xyz, labels)  # doctest: +SKIP
     """
     src = np.asarray(source_xyz, np.float64)
     if src.ndim != 2 or src.shape[1] != 3:
@@ -134,6 +137,11 @@ def plot_accuracy_box(
 
     Returns:
       The matplotlib Figure (the mean of each method is written above its box).
+
+    Example:
+      >>> fig = plot_accuracy_box({"fdnc": [0.6, 0.7], "cpd": [0.3, 0.5]})
+      >>> fig.axes[0].get_ylabel()
+      'accuracy (%)'
     """
     methods = list(per_pair)
     data = []
@@ -181,6 +189,10 @@ def plot_calibration(
 
     Returns:
       The matplotlib Figure (left: reliability curves and the diagonal; right: neurons per bin).
+
+    Example:
+      >>> from fdnc_jax.evaluate import calibration_bins
+      >>> fig = plot_calibration({"fdnc": calibration_bins([0.9, 0.2], [True, False])})
     """
     if hasattr(bins, "keys") and "bins" in bins:
         curves = {"": bins}
@@ -243,6 +255,9 @@ def plot_matches(
 
     Returns:
       The matplotlib Figure (2 × 2 axes: rows template, test; columns xy, xz).
+
+    Example:
+      >>> fig = plot_matches(template, test, fd.predict(model, template, test))  # doctest: +SKIP
     """
     labels = np.asarray(prediction.labels, dtype=str)
     if labels.shape != (test.n,):

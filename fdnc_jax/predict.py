@@ -40,7 +40,17 @@ CPU_CHUNK_BYTES = 8 << 20
 
 
 def bucket_size(n: int, what: str = "worm") -> int:
-    """The smallest bucket ≥ n; ValueError when n exceeds the largest (no silent crop)."""
+    """The padded size used for a worm of ``n`` neurons: the smallest of ``SIZE_BUCKETS`` ≥ n.
+
+    Inputs are padded to buckets so that jit compiles once per bucket, not once per worm size.
+
+    Raises:
+      ValueError: n exceeds the largest bucket (no silent crop).
+
+    Example:
+      >>> bucket_size(150)
+      160
+    """
     for b in SIZE_BUCKETS:
         if n <= b:
             return b
@@ -65,6 +75,13 @@ class Prediction:
       template_names: [N] str, the template's names (to turn candidate indices into names).
       orientation: [3] ±1, the sign pattern of the test's canonical axes that was kept
         (canonical-pose models; a negative product means the test was matched as a mirror image).
+
+    Example:
+      >>> import fdnc_jax as fd
+      >>> template, test = fd.load_demo_pair()
+      >>> pred = fd.predict(fd.load_pretrained(), template, test, top_k=3)
+      >>> pred.candidates.shape == (test.n, 3)
+      True
     """
 
     assignment: np.ndarray
@@ -84,7 +101,12 @@ class Prediction:
 
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per test neuron: index, assignment, label, probability, outlier probability,
-        and the top-k candidate names/probabilities."""
+        and the top-k candidate names/probabilities (';'-joined).
+
+        Example:
+          >>> sorted(pred.to_records()[0])  # doctest: +SKIP
+          ['assignment', 'candidate_probs', 'candidates', 'label', 'outlier_probability', ...]
+        """
         cand_labels = self.candidate_labels
         out = []
         for i in range(len(self.assignment)):
@@ -104,7 +126,11 @@ class Prediction:
         return out
 
     def to_csv(self, path: str | Path) -> None:
-        """Writes ``to_records()`` as CSV (atomic)."""
+        """Writes ``to_records()`` as CSV, one row per test neuron (atomic: no partial file).
+
+        Example:
+          >>> pred.to_csv("names.csv")  # doctest: +SKIP
+        """
         records = self.to_records()
 
         def write(f):
@@ -115,7 +141,11 @@ class Prediction:
         atomic_write(path, write, binary=False)
 
     def to_dataframe(self):
-        """``to_records()`` as a pandas DataFrame (needs pandas)."""
+        """``to_records()`` as a pandas DataFrame (needs pandas).
+
+        Example:
+          >>> pred.to_dataframe().head()  # doctest: +SKIP
+        """
         try:
             import pandas as pd
         except ImportError as e:
@@ -141,7 +171,12 @@ def _compiled_forward(model: Model):
 
 
 def compile_count(model: Model) -> int:
-    """How many executables the forward of ``model`` has compiled (one per bucket/batch shape)."""
+    """How many executables the forward of ``model`` has compiled (one per bucket/batch shape).
+
+    Example:
+      >>> compile_count(model)  # after matching worms of 150 and 170 neurons  # doctest: +SKIP
+      2
+    """
     return _compiled_forward(model)._cache_size()
 
 
@@ -218,6 +253,11 @@ def orientation_hypotheses(model: Model, orientation: str) -> np.ndarray:
     ``"auto"``: the 4 proper 180° flips for canonical-pose models (one hypothesis otherwise);
     ``"auto+mirror"``: also their mirror images, for worms whose side (handedness) is unknown;
     ``"fixed"``: the canonical pose only.
+
+    Example:
+      >>> import fdnc_jax as fd
+      >>> orientation_hypotheses(fd.load_pretrained(), "auto+mirror").shape
+      (8, 3)
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation={orientation!r} must be one of {ORIENTATIONS}")
@@ -444,6 +484,11 @@ def predict_ensemble(
 
     Returns:
       A Prediction whose ``assignment`` / ``candidates`` index ``template_names`` (sorted union).
+
+    Example:
+      >>> from fdnc_jax.datasets import load_bundled_worm
+      >>> templates = [load_bundled_worm(n) for n in ("NP_11_YAaLR", "EY_20190924_03")]
+      >>> pred = predict(load_pretrained(), templates, test)  # doctest: +SKIP
     """
     templates = list(templates)
     if not templates:

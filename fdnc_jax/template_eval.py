@@ -44,6 +44,11 @@ class TemplateEvalResult:
         '+'-joined ids of the ensemble.
       skipped: (lab, mode, reason) of what could not be evaluated.
       settings: how the evaluation ran.
+
+    Example:
+      >>> result = evaluate_templates(model, worms)  # doctest: +SKIP
+      >>> result.summary()["EY"]["position"]["atlas"]  # doctest: +SKIP
+      0.07
     """
 
     records: list[dict[str, Any]]
@@ -51,7 +56,12 @@ class TemplateEvalResult:
     settings: dict[str, Any]
 
     def per_template(self, lab: str, mode: str, kind: str) -> dict[str, float]:
-        """template id → mean accuracy over the held-out lab's animals (fractions 0–1)."""
+        """template id → mean accuracy over the held-out lab's animals (fractions 0–1).
+
+        Example:
+          >>> result.per_template("EY", "position", "single")  # doctest: +SKIP
+          {'NP_11_YAaLR': 0.04, ...}
+        """
         acc: dict[str, list[float]] = {}
         for r in self.records:
             if (r["lab"], r["mode"], r["kind"]) == (lab, mode, kind) and r["counted"]:
@@ -61,7 +71,12 @@ class TemplateEvalResult:
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{lab: {mode: {...}}}`` with the atlas's and the ensemble's mean accuracy over the lab's
         animals, and the single-animal templates' per-template means: median, min, max, and the
-        fraction of them the atlas beats. ``"all"`` pools the labs (animal-weighted)."""
+        fraction of them the atlas beats. ``"all"`` pools the labs (animal-weighted).
+
+        Example:
+          >>> result.summary()["all"]["color"]["atlas_beats_fraction"]  # doctest: +SKIP
+          0.75
+        """
         out: dict[str, dict[str, dict[str, Any]]] = {}
         labs = sorted({r["lab"] for r in self.records})
         for lab in [*labs, "all"]:
@@ -155,6 +170,14 @@ def evaluate_templates(
 
     Raises:
       ValueError: fewer than 2 labs, a lab whose complement has < 3 animals, unknown modes.
+
+    Example:
+      >>> import fdnc_jax as fd
+      >>> from fdnc_jax.datasets import bundled_worm_paths
+      >>> worms = [fd.load_worm(p) for p in bundled_worm_paths()]  # 4 labs, 2 animals each
+      >>> r = evaluate_templates(fd.load_pretrained(), worms, ensemble_size=0, progress=False)
+      >>> sorted(r.summary())
+      ['EY', 'NP', 'SF', 'SK1', 'all']
     """
     worms = list(worms)
     for i, w in enumerate(worms):
@@ -277,7 +300,12 @@ def evaluate_templates(
 
 
 def format_template_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """A Markdown table of ``TemplateEvalResult.summary()`` (accuracies in %)."""
+    """A Markdown table of ``TemplateEvalResult.summary()`` (accuracies in %).
+
+    Example:
+      >>> print(format_template_table(result.summary()))  # doctest: +SKIP
+      | held-out lab | mode | animals | atlas | ...
+    """
     lines = [
         "| held-out lab | mode | animals | atlas | single animal: median [min–max] | atlas beats "
         "| ensemble |",
@@ -299,7 +327,11 @@ def write_template_outputs(
 ) -> dict[str, Any]:
     """Writes ``summary.json``, ``templates.csv`` (one row per template × test × mode),
     ``skipped.csv``, ``settings.json`` and, with ``plots``, ``templates_<mode>.png`` (box plots:
-    atlas and ensemble per test animal, single templates per template) into ``out_dir``."""
+    atlas and ensemble per test animal, single templates per template) into ``out_dir``.
+
+    Example:
+      >>> write_template_outputs(result, "eval_templates/")  # doctest: +SKIP
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
