@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # last): a step draws its pairs from one bank, so small worms do not pay for padding.
     config.data.source_buckets = (128,)
     config.data.val_pairs = 1024  # Size of the fixed held-out semi-synthetic validation set.
+    # With sim.real_pair_fraction > 0: mirror the animals imaged as mirror images (atlas fit) so
+    # that real pairs across animals share one handedness.
+    config.data.unify_handedness = True
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 20_000  # Optimizer steps.
@@ -56,4 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.plateau_factor = 0.5  # Learning-rate factor on plateau; best weights restored.
     config.train.max_plateau_trials = 10  # Stop after this many decays (paper).
     config.train.progress_bar = True  # tqdm progress bar.
+    # Validation metric that picks the best weights and drives the plateau schedule: "accuracy"
+    # (semi-synthetic pairs of the validation worms) or "real_accuracy" (real pairs across the
+    # validation worms; needs sim.real_pair_fraction > 0).
+    config.train.select_on = "accuracy"
     return config

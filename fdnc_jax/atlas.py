@@ -631,3 +631,42 @@ def _summarise(
         color=mean_color,
         meta=record,
     )
+
+
+def unify_handedness(
+    worms: Sequence[Worm], config: AtlasConfig = AtlasConfig()
+) -> tuple[list[Worm], np.ndarray]:
+    """Mirrors the animals whose neurons are the mirror image of the majority (z negated).
+
+    Some microscopes image a mirror image of the worm (37 of 38 SF WormND animals relative to EY/NP).
+    Real pairs across such animals cannot be matched by any rotation; training on them would teach
+    the network to swap left and right. The handedness of each animal is read from a robust
+    Procrustes fit to the atlas of all of them (``build_atlas``, reflection allowed).
+
+    Args:
+      worms: ≥ 3 labelled Worms (µm).
+      config: how the atlas used for the decision is built.
+
+    Returns:
+      (worms with the minority mirrored, [W] bool which ones were mirrored).
+
+    Example:
+      >>> from fdnc_jax.datasets import bundled_worm_paths
+      >>> worms = [load_worm(p) for p in bundled_worm_paths()]
+      >>> _, flipped = unify_handedness(worms)
+      >>> int(flipped.sum())  # the two SF animals
+      2
+    """
+    atlas = build_atlas(worms, config, ids=[f"w{i}" for i in range(len(worms))])
+    flipped = np.array([a["reflected"] for a in atlas.meta["animals"]], bool)
+    out = []
+    for w, f in zip(worms, flipped, strict=True):
+        if f:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Warnings were shown when the worm was loaded.
+                w = w.replace(
+                    xyz_um=w.xyz_um * np.array([1.0, 1.0, -1.0], np.float32),
+                    meta={**w.meta, "reflected_to_majority": True},
+                )
+        out.append(w)
+    return out, flipped

@@ -31,18 +31,41 @@ class SourceBank:
       xyz: [S, P, 3] float32, model units (centred, /200 px), valid where ``mask``.
       mask: [S, P] bool, which slots hold a neuron.
       color: optional [S, P, C] float32 normalised colors (None when absent).
+      identity: optional [S, P] int32 index of each neuron's annotated name in the bank's name
+        list (−1 unnamed or padding), for pairs across animals (None when absent).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> bank = SourceBank(xyz=jnp.zeros((2, 16, 3)), mask=jnp.ones((2, 16), bool))
+      >>> len(jax.tree.leaves(bank))  # a pytree: the absent color and identity are no leaves
+      2
     """
 
     xyz: jax.Array
     mask: jax.Array
     color: jax.Array | None = None
+    identity: jax.Array | None = None
 
     @property
     def num_sources(self) -> int:
+        """S, the number of source worms.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> SourceBank(xyz=jnp.zeros((2, 16, 3)), mask=jnp.ones((2, 16), bool)).num_sources
+          2
+        """
         return int(self.xyz.shape[0])
 
     @property
     def num_points(self) -> int:
+        """P, the padded number of slots per worm.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> SourceBank(xyz=jnp.zeros((2, 16, 3)), mask=jnp.ones((2, 16), bool)).num_points
+          16
+        """
         return int(self.xyz.shape[1])
 
 
@@ -60,6 +83,13 @@ class PairBatch:
         identity is not in the template ("unlabelled": entropy term), −2 for an outlier, −3 padding.
       template_color: optional [B, N, C] float32.
       test_color: optional [B, M, C] float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> xyz, mask = jnp.zeros((1, 4, 3)), jnp.ones((1, 4), bool)
+      >>> batch = PairBatch(xyz, mask, xyz, mask, target=jnp.arange(4)[None])
+      >>> batch.target.shape
+      (1, 4)
     """
 
     template_xyz: jax.Array

@@ -629,3 +629,71 @@ def test_real_worms_simulate_plausibly(shared_data):
     assert 0.5 < np.median(kept) < 1.0
     extent_um = np.ptp(b.test_xyz[0][b.test_mask[0]], axis=0).max() * T.UM_PER_UNIT
     assert 60 < extent_um < 300
+
+
+# ------------------------------------------------------------------ real pairs across animals
+
+
+def _named_tagged_bank(num: int = 3, n: int = 40) -> SourceBank:
+    """Animals naming overlapping subsets of 50 names in their own order (some neurons unnamed);
+    each neuron's color encodes its *name* index, so a correct target joins equal tags."""
+    worms = []
+    for s in range(num):
+        r = np.random.default_rng(50 + s)
+        k = r.permutation(50)[:n].astype(np.float64)
+        names = np.array([f"N{int(i)}" for i in k])
+        unnamed = r.random(n) < 0.15
+        names[unnamed] = ""
+        tag = np.where(unnamed, 100.0 + k, k)  # tags ≥ 100: unnamed neurons
+        color = np.stack([tag + 1.0, np.full(n, 7.0), np.ones(n), np.ones(n)], 1)
+        worms.append(_worm(s, n).replace(color=color, names=names))
+    return pairs.make_source_bank(worms, use_color=True, with_identity=True)
+
+
+def test_identity_targets():
+    t_lab = jnp.array([2, -2, 0, 1], jnp.int32)  # template slots → source slots of animal A
+    t_ident = jnp.array([5, 7, 9], jnp.int32)  # A's names: slot 0 = name 5, 1 = 7, 2 = 9
+    s_lab = jnp.array([0, 1, 2, -2, -3], jnp.int32)
+    s_ident = jnp.array([9, -1, 4], jnp.int32)  # B: slot 0 = name 9, slot 1 unnamed, 2 = name 4
+    out = np.asarray(pairs.identity_targets(t_lab, t_ident, s_lab, s_ident))
+    np.testing.assert_array_equal(out, [0, UNLABELLED, UNLABELLED, OUTLIER, PADDING])
+
+
+def test_real_pairs_across_animals_follow_the_names():
+    bank = _named_tagged_bank()
+    ident = np.asarray(bank.identity)
+    assert ident.shape == (3, 48) and (ident[:, 40:] == -1).all() and (ident[:, :40] == -1).any()
+    cfg = dataclasses.replace(NO_COLOR_JITTER, real_pair_fraction=1.0)
+    b = pairs.make_pair_batch(jax.random.key(1), bank, 16, cfg)
+    t, tc, sc = np.asarray(b.target), np.asarray(b.template_color), np.asarray(b.test_color)
+    matched = 0
+    for i in range(16):
+        ok = t[i] >= 0
+        np.testing.assert_array_equal(_tag(tc[i][t[i][ok]]), _tag(sc[i][ok]))  # same name
+        assert len(np.unique(t[i][ok])) == ok.sum()
+        matched += ok.sum()
+        # Different animals: the tags of the test are not the template's own slots.
+        assert not np.array_equal(np.sort(_tag(tc[i][np.asarray(b.template_mask[i])])),
+                                  np.sort(_tag(sc[i][np.asarray(b.test_mask[i])])))
+    assert matched > 16 * 10
+    # Unnamed test neurons are never supervised as matches.
+    assert (t == UNLABELLED).sum() > 0
+    # Fraction 0 (or a bank without identity) gives the original pairs, bit for bit.
+    plain = pairs.make_pair_batch(jax.random.key(1), bank, 16, NO_COLOR_JITTER)
+    no_id = pairs.make_pair_batch(jax.random.key(1), dataclasses.replace(bank, identity=None), 16,
+                                  NO_COLOR_JITTER)
+    np.testing.assert_array_equal(np.asarray(plain.target), np.asarray(no_id.target))
+    half = pairs.make_pair_batch(
+        jax.random.key(2), bank, 64, dataclasses.replace(cfg, real_pair_fraction=0.5)
+    )
+    # Same-animal pairs still match unnamed neurons (slot identity); pairs across animals never do.
+    ht, htc = np.asarray(half.target), np.asarray(half.template_color)
+    same = [(_tag(htc[i][ht[i][ht[i] >= 0]]) >= 100).any() for i in range(64)]
+    assert 16 <= 64 - sum(same) <= 48
+    cross_tags = [_tag(tc[i][t[i][t[i] >= 0]]) for i in range(16)]
+    assert all((c < 100).all() for c in cross_tags)
+
+
+def test_real_pair_fraction_is_validated():
+    with pytest.raises(ValueError, match="real_pair_fraction"):
+        SimConfig(real_pair_fraction=1.5)

@@ -198,3 +198,17 @@ def test_data_parallel_matches_single_device(tmp_path):
         out[n] = _records(tmp_path / str(n))[-1]
     np.testing.assert_allclose(out[2]["loss"], out[1]["loss"], rtol=1e-4)
     np.testing.assert_allclose(out[2]["val_loss"], out[1]["val_loss"], rtol=1e-4)
+
+
+def test_real_pairs_training_logs_and_selects_real_accuracy(tmp_path):
+    config = tiny_config(steps=10, eval_every=5, log_every=5, checkpoint_every=10,
+                         select_on="real_accuracy")
+    config.sim.real_pair_fraction = 0.5
+    config.data.val_fraction = 0.25  # 2 of the 8 bundled worms: real validation pairs exist
+    model = train_and_evaluate(config, tmp_path)
+    evals = [r for r in _records(tmp_path) if "accuracy" in r]
+    assert all({"real_accuracy", "real_val_loss", "real_top5_accuracy"} <= set(r) for r in evals)
+    assert model.info["best_accuracy"] == max(r["real_accuracy"] for r in evals)
+    bad = tiny_config(steps=2, select_on="real_accuracy")
+    with pytest.raises(ValueError, match="real_pair_fraction"):
+        train_and_evaluate(bad, tmp_path / "bad")

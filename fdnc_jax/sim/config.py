@@ -39,9 +39,14 @@ class SimConfig:
     Every field has a one-line comment below. ``validate()`` runs on construction and raises
     ValueError naming the offending field.
 
+    Lengths are in µm (``*_um``) or 0.42 µm pixels (``*_px``), curvatures in 1/mm, angles in
+    radians; the simulator converts them to model units.
+
     Example:
       >>> cfg = SimConfig(warp_amplitude_um=2.0)
       >>> cfg = SimConfig.from_dict({"p_drop": (0.1, 0.2), "max_outliers": 10})
+      >>> cfg.max_outliers, cfg.p_drop
+      (10, (0.1, 0.2))
     """
 
     # Straighten each source first (PCA of the points → AP on x, then subtract a polynomial
@@ -95,6 +100,10 @@ class SimConfig:
     color_neuron_jitter: float = 0.0
     # Randomly permute the slots of each copy (the model must not see identities in the order).
     shuffle: bool = True
+    # Fraction of pairs whose test is a copy of a *different* real animal of the bank (template
+    # and test both simulated on top); targets from the annotated names (needs a bank built with
+    # ``with_identity=True``). 0 = the original's pairs: two copies of one animal.
+    real_pair_fraction: float = 0.0
 
     def __post_init__(self):
         for field in ("p_drop", "outlier_margin_px"):  # lists (from configs) become tuples
@@ -107,7 +116,18 @@ class SimConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError naming the first invalid field."""
+        """Raises ValueError naming the first invalid field.
+
+        Raises:
+          ValueError: a field of the wrong type or out of its range.
+
+        Example:
+          >>> SimConfig().validate()  # the defaults are valid
+          >>> SimConfig(p_drop=(0.3, 0.1))
+          Traceback (most recent call last):
+          ...
+          ValueError: SimConfig.p_drop=(0.3, 0.1): lo > hi
+        """
 
         def bad(field: str, why: str):
             raise ValueError(f"SimConfig.{field}={getattr(self, field)!r}: {why}")
@@ -129,6 +149,8 @@ class SimConfig:
                 bad(f, "must be an int")
             if v < lo:
                 bad(f, f"must be ≥ {lo}")
+        if not 0.0 <= float(self.real_pair_fraction) <= 1.0:
+            bad("real_pair_fraction", "must be in [0, 1]")
         nonneg = (
             "bend_curvature_per_mm",
             "bend_curvature_change_per_mm",
@@ -184,6 +206,10 @@ class SimConfig:
 
         Raises:
           ValueError: for an unknown key or an invalid value.
+
+        Example:
+          >>> SimConfig.from_dict({"p_drop": [0.1, 0.2]}).p_drop  # lists become tuples
+          (0.1, 0.2)
         """
         if hasattr(d, "to_dict"):
             d = d.to_dict()
@@ -197,5 +223,11 @@ class SimConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict (for ml_collections configs and logs)."""
+        """The fields as a plain dict (for ml_collections configs and logs).
+
+        Example:
+          >>> d = SimConfig().to_dict()
+          >>> d["warp_amplitude_um"], SimConfig.from_dict(d) == SimConfig()
+          (4.5, True)
+        """
         return dataclasses.asdict(self)

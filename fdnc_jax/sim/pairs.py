@@ -42,12 +42,46 @@ def normalize_color(color: np.ndarray) -> np.ndarray:
 
     Returns:
       [N, 3] float32 rows summing to ~1, clipped ≥ 1e-5 (rows without signal: uniform).
+
+    Example:
+      >>> normalize_color(np.array([[2.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])).round(3).tolist()
+      [[0.5, 0.25, 0.25], [0.333, 0.333, 0.333]]
     """
     return matching.normalize_color(np.maximum(np.asarray(color, np.float64), 0.0)).astype(np.float32)
 
 
+def name_identities(worms: Sequence[Worm]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A shared name list and, per worm, each neuron's index in it (−1 unnamed or ambiguous).
+
+    A name that labels several neurons of one worm is ambiguous there and gets −1 in that worm.
+
+    Returns:
+      names [K] sorted str; per worm an [N] int32 array.
+
+    Example:
+      >>> w = Worm(xyz_um=np.eye(3) * 10, names=["AVAL", "", "AVAR"])
+      >>> names, ids = name_identities([w])
+      >>> names.tolist(), ids[0].tolist()
+      (['AVAL', 'AVAR'], [0, -1, 1])
+    """
+    unique_per_worm = []
+    for w in worms:
+        named, counts = np.unique(w.names[w.labelled], return_counts=True)
+        unique_per_worm.append(set(named[counts == 1].tolist()))
+    names = np.array(sorted(set().union(*unique_per_worm)), dtype=str)
+    index = {n: k for k, n in enumerate(names)}
+    ids = [
+        np.array([index[n] if n in ok else -1 for n in w.names], np.int32)
+        for w, ok in zip(worms, unique_per_worm, strict=True)
+    ]
+    return names, ids
+
+
 def make_source_bank(
-    worms: Sequence[Worm], num_points: int | None = None, use_color: bool = False
+    worms: Sequence[Worm],
+    num_points: int | None = None,
+    use_color: bool = False,
+    with_identity: bool = False,
 ) -> SourceBank:
     """Converts real worms to model units and pads them to a common size (host side).
 
@@ -56,12 +90,20 @@ def make_source_bank(
       num_points: P, slots per worm; default: the largest worm rounded up to a multiple of 16.
       use_color: carry per-neuron colors, normalised over the first 3 channels (every worm needs ≥
       3).
+      with_identity: carry each neuron's name index (``name_identities``) so that pairs across
+        animals have targets (``SimConfig.real_pair_fraction``).
 
     Returns:
       SourceBank with xyz [S, P, 3] model units, mask [S, P], color [S, P, 3] or None.
 
     Raises:
       ValueError: no worms, a worm larger than ``num_points``, or missing color with ``use_color``.
+
+    Example:
+      >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (20, 3)))  # 20 neurons, µm
+      >>> bank = make_source_bank([w, w])  # P = 20 rounded up to 32
+      >>> bank.xyz.shape, bank.mask.shape
+      ((2, 32, 3), (2, 32))
     """
     worms = list(worms)
     if not worms:
@@ -83,6 +125,8 @@ def make_source_bank(
     xyz = np.zeros((s, num_points, 3), np.float32)
     mask = np.zeros((s, num_points), bool)
     color = np.zeros((s, num_points, NUM_COLOR_CHANNELS), np.float32) if use_color else None
+    identity = np.full((s, num_points), -1, np.int32) if with_identity else None
+    ids = name_identities(worms)[1] if with_identity else None
     for i, w in enumerate(worms):
         if w.n > num_points:
             raise ValueError(
@@ -90,6 +134,8 @@ def make_source_bank(
             )
         xyz[i, : w.n] = to_model_units(w)[0]
         mask[i, : w.n] = True
+        if ids is not None:
+            identity[i, : w.n] = ids[i]
         if use_color:
             if w.color is None or w.color.shape[1] < NUM_COLOR_CHANNELS:
                 have = "no color" if w.color is None else f"{w.color.shape[1]} color channels"
@@ -101,6 +147,7 @@ def make_source_bank(
         xyz=jnp.asarray(xyz),
         mask=jnp.asarray(mask),
         color=None if color is None else jnp.asarray(color),
+        identity=None if identity is None else jnp.asarray(identity),
     )
 
 
@@ -191,6 +238,13 @@ def synthesize(
       mask: [Q] bool.
       labels: [Q] int32, source slot (≥ 0), −2 outlier, −3 empty.
       color: [Q, C] float32 or None.
+
+    Example:
+      >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (20, 3)))  # 20 neurons, µm
+      >>> bank, synth = make_source_bank([w]), jax.jit(synthesize, static_argnames="cfg")
+      >>> xyz, mask, labels, _ = synth(jax.random.key(0), bank.xyz[0], bank.mask[0], None, cfg=SimConfig())
+      >>> xyz.shape  # Q = P + cfg.max_outliers = 32 + 20
+      (52, 3)
     """
     return _synthesize(key, xyz, mask, color, cfg, cfg.straighten_sources)
 
@@ -206,6 +260,11 @@ def template_targets(template_labels: Array, test_labels: Array, num_sources: in
     Returns:
       [M] int32: template slot (≥ 0); −1 when the neuron is absent from the template; the test's own
       negative code (−2 outlier, −3 empty) otherwise.
+
+    Example:
+      >>> template_labels, test_labels = jnp.array([2, 0, -3]), jnp.array([0, 1, 2, -2])
+      >>> template_targets(template_labels, test_labels, num_sources=3).tolist()
+      [1, -1, 0, -2]
     """
     n = template_labels.shape[0]
     # [N] source index; out of range (→ dropped by the scatter) for outliers and empty slots.
@@ -216,22 +275,68 @@ def template_targets(template_labels: Array, test_labels: Array, num_sources: in
     return jnp.where(test_labels >= 0, found, test_labels).astype(jnp.int32)
 
 
+def identity_targets(
+    template_labels: Array, template_identity: Array, test_labels: Array, test_identity: Array
+) -> Array:
+    """Test → template correspondence between copies of two different animals, through names.
+
+    Args:
+      template_labels: [N] int32 source slot of the template animal (≥ 0) or a negative code.
+      template_identity: [P] int32 name index of each slot of the template animal (−1 unnamed).
+      test_labels: [M] int32 source slot of the test animal (≥ 0) or a negative code.
+      test_identity: [P'] int32 name index of each slot of the test animal (−1 unnamed).
+
+    Returns:
+      [M] int32: the template slot with the same name (≥ 0); −1 when the test neuron is unnamed or
+      its name is not in the template; −2 outlier and −3 empty as in ``test_labels``.
+
+    Example:
+      >>> t_labels, t_identity = jnp.array([0, 1, -2]), jnp.array([0, 1, -1])
+      >>> s_labels, s_identity = jnp.array([1, 0, 2, -3]), jnp.array([1, 0, 2])
+      >>> identity_targets(t_labels, t_identity, s_labels, s_identity).tolist()
+      [0, 1, -1, -3]
+    """
+    t_id = jnp.where(template_labels >= 0, template_identity[jnp.maximum(template_labels, 0)], -1)
+    s_id = jnp.where(test_labels >= 0, test_identity[jnp.maximum(test_labels, 0)], -1)  # [M]
+    same = (s_id[:, None] == t_id[None, :]) & (s_id >= 0)[:, None]  # [M, N]
+    found = jnp.where(jnp.any(same, axis=1), jnp.argmax(same, axis=1), UNLABELLED)
+    return jnp.where(test_labels >= 0, found, test_labels).astype(jnp.int32)
+
+
 def _one_pair(
-    key: Array, xyz: Array, mask: Array, color: Array | None, cfg: SimConfig, straighten: bool
+    key: Array,
+    xyz: Array,
+    mask: Array,
+    color: Array | None,
+    identity: Array | None,
+    other: int | Array,
+    cross: bool | Array,
+    cfg: SimConfig,
+    straighten: bool,
+    bank: tuple[Array, Array, Array | None, Array | None],
 ) -> PairBatch:
-    """Two independent copies of one source and the test → template correspondence."""
+    """Two independent copies: the template of source ``xyz``, the test of bank source ``other``
+    (the same animal, or when ``cross`` another one whose names give the correspondence through
+    ``identity``), and the test → template correspondence."""
     p = xyz.shape[0]
-    if straighten:
-        xyz = _straighten(xyz, mask, cfg)
     k_tmpl, k_test = jax.random.split(key)
+    b_xyz, b_mask, b_color, b_identity = bank
+    o_xyz, o_mask = b_xyz[other], b_mask[other]
+    o_color = None if b_color is None else b_color[other]
+    if straighten:
+        xyz, o_xyz = _straighten(xyz, mask, cfg), _straighten(o_xyz, o_mask, cfg)
     t_xyz, t_mask, t_lab, t_col = _synthesize(k_tmpl, xyz, mask, color, cfg, False)
-    s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, xyz, mask, color, cfg, False)
+    s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, o_xyz, o_mask, o_color, cfg, False)
+    target = template_targets(t_lab, s_lab, p)
+    if identity is not None:
+        across = identity_targets(t_lab, identity, s_lab, b_identity[other])
+        target = jnp.where(cross, across, target)
     return PairBatch(
         template_xyz=t_xyz,
         template_mask=t_mask,
         test_xyz=s_xyz,
         test_mask=s_mask,
-        target=template_targets(t_lab, s_lab, p),
+        target=target,
         template_color=t_col,
         test_color=s_col,
     )
@@ -242,19 +347,27 @@ def _straighten(xyz: Array, mask: Array, cfg: SimConfig) -> Array:
 
 
 def _pair_batch(key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig) -> PairBatch:
-    src_key, pair_key = jax.random.split(key)
+    src_key, pair_key, cross_key, other_key = jax.random.split(key, 4)
     num_sources = sources.xyz.shape[0]
     index = jax.random.randint(src_key, (batch_size,), 0, num_sources)  # [B]
+    other, cross = index, jnp.zeros((batch_size,), bool)
+    across = cfg.real_pair_fraction > 0 and sources.identity is not None and num_sources > 1
+    if across:  # A different animal (uniform over the others) for a real_pair_fraction of pairs.
+        shift = jax.random.randint(other_key, (batch_size,), 1, num_sources)  # [B]
+        cross = jax.random.uniform(cross_key, (batch_size,)) < cfg.real_pair_fraction
+        other = jnp.where(cross, (index + shift) % num_sources, index)
     keys = jax.random.split(pair_key, batch_size)
     bank_xyz = sources.xyz
-    # Straighten whichever is fewer: the whole bank once, or the B chosen sources.
-    straighten_bank = cfg.straighten_sources and num_sources < batch_size
+    # Straighten whichever is fewer: the whole bank once, or the B chosen sources (two per pair).
+    straighten_bank = cfg.straighten_sources and num_sources < batch_size * (2 if across else 1)
     if straighten_bank:
         bank_xyz = jax.vmap(lambda x, m: _straighten(x, m, cfg))(bank_xyz, sources.mask)
     per_pair = cfg.straighten_sources and not straighten_bank
     color = None if sources.color is None else sources.color[index]
-    pair = lambda k, x, m, c: _one_pair(k, x, m, c, cfg, per_pair)
-    return jax.vmap(pair)(keys, bank_xyz[index], sources.mask[index], color)
+    identity = sources.identity[index] if across else None
+    bank = (bank_xyz, sources.mask, sources.color, sources.identity if across else None)
+    pair = lambda k, x, m, c, i, o, cr: _one_pair(k, x, m, c, i, o, cr, cfg, per_pair, bank)
+    return jax.vmap(pair)(keys, bank_xyz[index], sources.mask[index], color, identity, other, cross)
 
 
 _pair_batch_jit = jax.jit(_pair_batch, static_argnames=("batch_size", "cfg"))
@@ -266,7 +379,10 @@ def make_pair_batch(
     """A batch of semi-synthetic (template, test) pairs: 2 · batch_size synthetic worms.
 
     Each pair takes a source uniformly at random and synthesizes two independent copies
-    (``synthesize``).
+    (``synthesize``). With ``cfg.real_pair_fraction`` > 0 and a bank carrying ``identity``, that
+    fraction of pairs takes the test copy from another animal of the bank instead: a real
+    across-animal pair (real deformations, real annotation), simulated on top, whose targets come
+    from the shared names (``identity_targets``).
     Jitted once per (batch_size, S, P, cfg); same key → same batch. Callable inside another jit.
 
     Args:
@@ -282,6 +398,12 @@ def make_pair_batch(
 
     Raises:
       ValueError: a bad batch size, an empty source bank, too few slots, or an invalid config.
+
+    Example:
+      >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (20, 3)))  # 20 neurons, µm
+      >>> batch = make_pair_batch(jax.random.key(0), make_source_bank([w, w]), 2, SimConfig())
+      >>> batch.test_xyz.shape, batch.target.shape  # [B, Q, 3], [B, Q] with Q = 32 + 20
+      ((2, 52, 3), (2, 52))
     """
     cfg = SimConfig() if cfg is None else cfg
     if not isinstance(cfg, SimConfig):

@@ -9,6 +9,7 @@ exists, runs the jitted train step (batches simulated on device), validates ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from fdnc_jax import checkpoint as ckpt
 from fdnc_jax import datasets
+from fdnc_jax.atlas import unify_handedness
 from fdnc_jax.io import load_worm
 from fdnc_jax.model.fdnc import Model, ModelConfig
 from fdnc_jax.sim.config import SimConfig
@@ -74,20 +76,24 @@ def _round_up(n: int, multiple: int = 16) -> int:
 
 
 def bucketed_source_banks(
-    worms: Sequence[Worm], buckets: Sequence[int], use_color: bool
+    worms: Sequence[Worm], buckets: Sequence[int], use_color: bool, with_identity: bool = False
 ) -> list[SourceBank]:
     """Source banks grouped by size: each worm goes to the smallest bucket (points) that holds it.
 
     Small worms padded to the size of the largest would spend most of the attention on padding; a
     bank per size bucket keeps a step's cost close to its worms' real size (one compile per bucket).
-    With no buckets, one bank sized to the largest worm (rounded up to 16).
+    With no buckets, one bank sized to the largest worm (rounded up to 16). ``with_identity``
+    carries name indices for real across-animal pairs (pairs are drawn within a bank).
     """
     largest = max(w.n for w in worms)
     sizes = sorted(int(b) for b in buckets if int(b) < largest) + [_round_up(largest)]
     groups: dict[int, list[Worm]] = {}
     for w in worms:
         groups.setdefault(next(b for b in sizes if w.n <= b), []).append(w)
-    return [make_source_bank(groups[b], b, use_color=use_color) for b in sorted(groups)]
+    return [
+        make_source_bank(groups[b], b, use_color=use_color, with_identity=with_identity)
+        for b in sorted(groups)
+    ]
 
 
 def _hash_uniform(*values: int) -> float:
@@ -119,8 +125,11 @@ def validation_batches(
     ]
 
 
-def evaluate(eval_step, params, batches: Sequence[PairBatch]) -> dict[str, float]:
-    """Validation metrics over fixed batches: loss, top-1 and top-5 accuracy (argmax, no Hungarian)."""
+def evaluate(
+    eval_step, params, batches: Sequence[PairBatch], prefix: str = ""
+) -> dict[str, float]:
+    """Validation metrics over fixed batches: loss, top-1 and top-5 accuracy (argmax, no Hungarian),
+    keys prefixed with ``prefix``."""
     sums = None
     for batch in batches:
         out = eval_step(params, batch)
@@ -128,9 +137,9 @@ def evaluate(eval_step, params, batches: Sequence[PairBatch]) -> dict[str, float
     sums = jax.device_get(sums)
     count = max(float(sums["count"]), 1.0)
     return {
-        "val_loss": float(sums["loss_sum"] / sums["pairs"]),
-        "accuracy": float(sums["top1"] / count),
-        "top5_accuracy": float(sums["top5"] / count),
+        f"{prefix}val_loss": float(sums["loss_sum"] / sums["pairs"]),
+        f"{prefix}accuracy": float(sums["top1"] / count),
+        f"{prefix}top5_accuracy": float(sums["top5"] / count),
     }
 
 
@@ -186,15 +195,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices"
         )
 
-    train_worms, val_worms = split_sources(load_sources(config.data), config.data)
+    sources = load_sources(config.data)
+    real_pairs = sim_cfg.real_pair_fraction > 0
+    if real_pairs and config.data.get("unify_handedness", True):
+        sources, flipped = unify_handedness(sources)
+        logging.info("mirrored %d of %d sources to the majority handedness", flipped.sum(),
+                     len(sources))
+    train_worms, val_worms = split_sources(sources, config.data)
     use_color = model_cfg.color_features > 0
-    train_banks = bucketed_source_banks(train_worms, config.data.source_buckets, use_color)
+    train_banks = bucketed_source_banks(
+        train_worms, config.data.source_buckets, use_color, with_identity=real_pairs
+    )
     bank_weights = np.array([b.num_sources for b in train_banks], np.float64)
     bank_weights /= bank_weights.sum()
-    val_bank = make_source_bank(val_worms, use_color=use_color)  # sized to its largest worm
+    # sized to its largest worm
+    val_bank = make_source_bank(val_worms, use_color=use_color, with_identity=real_pairs)
+    val_seed = config.seed + 1_000_003
+    semi_cfg = dataclasses.replace(sim_cfg, real_pair_fraction=0.0)
     val_batches = validation_batches(
-        val_bank, config.data.val_pairs, tcfg.batch_size, sim_cfg, config.seed + 1_000_003
+        val_bank, config.data.val_pairs, tcfg.batch_size, semi_cfg, val_seed
     )
+    # Real across-animal validation pairs (other animals of the validation lab), when trained on.
+    real_val_batches = []
+    if real_pairs and len(val_worms) > 1:
+        real_cfg = dataclasses.replace(sim_cfg, real_pair_fraction=1.0)
+        real_val_batches = validation_batches(
+            val_bank, config.data.val_pairs, tcfg.batch_size, real_cfg, val_seed + 1
+        )
+    select_on = tcfg.get("select_on", "accuracy")
+    if select_on not in ("accuracy", "real_accuracy"):
+        raise ValueError(f"train.select_on={select_on!r} must be 'accuracy' or 'real_accuracy'")
+    if select_on == "real_accuracy" and not real_val_batches:
+        raise ValueError(
+            "train.select_on='real_accuracy' needs real validation pairs: set "
+            "sim.real_pair_fraction > 0 and hold out ≥ 2 validation worms"
+        )
     logging.info(
         "sources: %d training worms in banks of %s points, %d validation worms",
         len(train_worms),
@@ -264,14 +299,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 }
             if step % tcfg.eval_every == 0 or is_last:
                 val = evaluate(eval_step, state.params, val_batches)
+                if real_val_batches:
+                    val.update(evaluate(eval_step, state.params, real_val_batches, "real_"))
                 record = {
                     **(record or {"step": step, "elapsed_s": round(time.time() - t0, 2)}),
                     **val,
                 }
-                if val["accuracy"] > run["best_accuracy"]:
-                    run.update(best_accuracy=val["accuracy"], bad_evals=0)
+                if val[select_on] > run["best_accuracy"]:
+                    run.update(best_accuracy=val[select_on], bad_evals=0)
                     best_state = jax.device_get(state)
-                    save(ckpt.BEST, state, {"val_accuracy": val["accuracy"]})
+                    save(ckpt.BEST, state, {"val_accuracy": val[select_on]})
                 else:
                     run["bad_evals"] += 1
                     if run["bad_evals"] >= tcfg.plateau_patience:
