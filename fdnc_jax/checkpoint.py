@@ -34,11 +34,36 @@ BEST = "best"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt or does not fit the model it is loaded into."""
+    """A checkpoint is missing, corrupt or does not fit the model it is loaded into.
+
+    A ``ValueError`` whose message starts with the offending path.
+
+    Example:
+      >>> try:
+      ...     load_checkpoint("no/such/workdir")
+      ... except CheckpointError as e:
+      ...     print(e)
+      no/such/workdir: no such checkpoint directory
+    """
 
 
 class CheckpointStore:
-    """The two checkpoint managers of a training workdir."""
+    """The two checkpoint managers of a training workdir.
+
+    Args:
+      workdir: the training workdir; checkpoints go to ``workdir/checkpoints/{latest,best}``.
+      keep: how many periodic (``latest``) steps to keep; ``best`` keeps one.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     store = CheckpointStore(d)
+      ...     store.save(LATEST, 3, {"w": np.arange(3.0)}, {"note": "hi"})
+      ...     state, meta = store.restore(LATEST, abstract_of({"w": np.zeros(3)}))
+      ...     store.close()
+      >>> state["w"].tolist(), meta
+      ([0.0, 1.0, 2.0], {'note': 'hi'})
+    """
 
     def __init__(self, workdir: PathLike, keep: int = 2):
         root = Path(workdir).absolute() / "checkpoints"
@@ -53,10 +78,36 @@ class CheckpointStore:
         }
 
     def latest_step(self, which: str = LATEST) -> int | None:
+        """The newest saved step of ``which`` ("latest" or "best"); None when none is saved.
+
+        Example:
+          >>> import tempfile
+          >>> with tempfile.TemporaryDirectory() as d:
+          ...     store = CheckpointStore(d)
+          ...     print(store.latest_step(BEST))
+          ...     store.close()
+          None
+        """
         return self._managers[which].latest_step()
 
     def save(self, which: str, step: int, state: Any, meta: Mapping[str, Any]) -> None:
-        """Saves ``state`` (a pytree) and ``meta`` (JSON-able) at ``step``; blocks until written."""
+        """Saves ``state`` (a pytree) and ``meta`` (JSON-able) at ``step``; blocks until written.
+
+        Args:
+          which: "latest" or "best".
+          step: the training step (the checkpoint's name).
+          state: a pytree of arrays of any shape (e.g. the ``TrainState``).
+          meta: JSON-able metadata (config, counters, metrics).
+
+        Example:
+          >>> import tempfile
+          >>> with tempfile.TemporaryDirectory() as d:
+          ...     store = CheckpointStore(d)
+          ...     store.save(BEST, 7, {"w": np.zeros(2)}, {"val_accuracy": 0.5})
+          ...     print(store.latest_step(BEST))
+          ...     store.close()
+          7
+        """
         mngr = self._managers[which]
         mngr.save(
             step,
@@ -68,7 +119,29 @@ class CheckpointStore:
         mngr.wait_until_finished()
 
     def restore(self, which: str, abstract_state: Any, step: int | None = None):
-        """Restores (state, meta) from ``which`` at ``step`` (default latest); None when empty."""
+        """Restores (state, meta) from ``which`` at ``step`` (default latest); None when empty.
+
+        Args:
+          which: "latest" or "best".
+          abstract_state: the target pytree's shapes/dtypes (``abstract_of(state)``).
+          step: the step to restore (default: the newest).
+
+        Returns:
+          (state, meta) with arrays shaped as ``abstract_state``, or None when nothing is saved.
+
+        Raises:
+          CheckpointError: the checkpoint is corrupt or does not fit ``abstract_state``.
+
+        Example:
+          >>> import tempfile
+          >>> with tempfile.TemporaryDirectory() as d:
+          ...     store = CheckpointStore(d)
+          ...     store.save(LATEST, 1, {"w": np.ones(2)}, {})
+          ...     state, meta = store.restore(LATEST, abstract_of({"w": np.zeros(2)}))
+          ...     store.close()
+          >>> state["w"].tolist()
+          [1.0, 1.0]
+        """
         mngr = self._managers[which]
         step = mngr.latest_step() if step is None else step
         if step is None:
@@ -89,6 +162,23 @@ class CheckpointStore:
         return out.state, dict(out.meta)
 
     def read_meta(self, which: str, step: int | None = None) -> dict[str, Any] | None:
+        """The JSON ``meta`` of ``which`` at ``step`` (default latest), without loading arrays.
+
+        Returns:
+          The metadata dict, or None when nothing is saved.
+
+        Raises:
+          CheckpointError: the metadata file is unreadable.
+
+        Example:
+          >>> import tempfile
+          >>> with tempfile.TemporaryDirectory() as d:
+          ...     store = CheckpointStore(d)
+          ...     store.save(LATEST, 1, {"w": np.ones(2)}, {"lr": 0.001})
+          ...     print(store.read_meta(LATEST))
+          ...     store.close()
+          {'lr': 0.001}
+        """
         mngr = self._managers[which]
         step = mngr.latest_step() if step is None else step
         if step is None:
@@ -100,12 +190,30 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from e
 
     def close(self) -> None:
+        """Closes both checkpoint managers (waits for pending writes).
+
+        Example:
+          >>> import tempfile
+          >>> with tempfile.TemporaryDirectory() as d:
+          ...     CheckpointStore(d).close()
+        """
         for m in self._managers.values():
             m.close()
 
 
 def abstract_of(tree: Any) -> Any:
-    """Shape/dtype structs of a pytree, the target orbax restores into."""
+    """Shape/dtype structs of a pytree, the target orbax restores into.
+
+    Args:
+      tree: a pytree of arrays.
+
+    Returns:
+      The same pytree with each array replaced by a ``jax.ShapeDtypeStruct`` (same shape, dtype).
+
+    Example:
+      >>> abstract_of({"w": np.zeros((2, 3), np.float32)})["w"].shape
+      (2, 3)
+    """
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -184,7 +292,20 @@ def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
 
 
 def save_weights(model: Model, path: PathLike) -> None:
-    """Saves a model's parameters + config as a compressed ``.npz`` (atomic write)."""
+    """Saves a model's parameters + config as a compressed ``.npz`` (atomic write).
+
+    Args:
+      model: the Model (float32 parameters, keyed by their path in the file).
+      path: the destination ``.npz``.
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_weights(model, pathlib.Path(d) / "w.npz")
+      ...     load_weights(pathlib.Path(d) / "w.npz").num_params == model.num_params
+      True
+    """
     flat = nnx.to_flat_state(model.params)
     arrays = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
     arrays["__config__"] = np.asarray(json.dumps(dataclasses.asdict(model.config)))
@@ -193,7 +314,25 @@ def save_weights(model: Model, path: PathLike) -> None:
 
 
 def load_weights(path: PathLike) -> Model:
-    """Loads a model saved by ``save_weights``; shape/name mismatches raise CheckpointError."""
+    """Loads a model saved by ``save_weights``; shape/name mismatches raise CheckpointError.
+
+    Args:
+      path: the ``.npz`` written by ``save_weights``.
+
+    Returns:
+      The Model, ``info['source']`` set to ``path``.
+
+    Raises:
+      CheckpointError: the file is unreadable or its parameters do not fit its config.
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_weights(model, pathlib.Path(d) / "w.npz")
+      ...     load_weights(pathlib.Path(d) / "w.npz").config.width
+      8
+    """
     p = Path(path)
     try:
         with np.load(p, allow_pickle=False) as d:
@@ -233,6 +372,14 @@ def load_pretrained(name: str = "default") -> Model:
 
     Returns:
       A Model for ``fdnc_jax.predict``.
+
+    Raises:
+      ValueError: no bundled weights of that name.
+
+    Example:
+      >>> model = load_pretrained()
+      >>> model.config.width, model.config.canonical_pose
+      (64, True)
     """
     aliases = {"default": "fdnc_small"}
     fname = aliases.get(name, name) + ".npz"

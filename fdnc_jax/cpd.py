@@ -99,6 +99,14 @@ class CPDConfig:
       max_iter: maximum number of EM iterations (M-steps) per registration, ≥ 1.
       tol: stop when the relative change of the objective is ≤ tol (≥ 0; 0 = run max_iter).
       with_scale: rigid only; estimate an isotropic scale s (else s = 1).
+
+    Raises:
+      ValueError: a field out of range (the message names it).
+
+    Example:
+      >>> cfg = CPDConfig(max_iter=50)
+      >>> cfg.max_iter, cfg.w
+      (50, 0.1)
     """
 
     w: float = 0.1
@@ -133,7 +141,12 @@ class CPDConfig:
     @classmethod
     def fdnc(cls, **overrides) -> CPDConfig:
         """The non-rigid setting of the original fDNC code, in model units (w=0.1, lam=4e3,
-        beta=0.25); keyword overrides are applied on top."""
+        beta=0.25); keyword overrides are applied on top.
+
+        Example:
+          >>> CPDConfig.fdnc(max_iter=30)
+          CPDConfig(w=0.1, beta=0.25, lam=4000.0, max_iter=30, tol=1e-05, with_scale=True)
+        """
         kw = dict(w=0.1, beta=0.25, lam=4e3)
         kw.update(overrides)
         return cls(**kw)
@@ -162,6 +175,12 @@ class CPDResult:
       t: [3] float32, translation of the global map (units); zero for pure non-rigid.
       W: [M, 3] float32, non-rigid kernel weights (``ty = ỹ + G(ỹ) W``); zero for rigid/affine and
         on padded rows.
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = rigid_cpd(x, None, x + 0.5, None)
+      >>> res.ty.shape, res.P.shape, bool(res.converged)
+      ((10, 3), (10, 10), True)
     """
 
     ty: jax.Array
@@ -515,6 +534,12 @@ def register(
     Raises:
       ValueError: bad shapes/ranks, NaN/inf in valid points, non-boolean masks, fewer than 3
         valid points, unknown method, or a bad config.
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = register(x, None, 1.1 * x, None, method="affine")
+      >>> np.diag(np.asarray(res.B, np.float64)).round(3).tolist()  # undoes the 1.1 scaling
+      [0.909, 0.909, 0.909]
     """
     x, x_mask, y, y_mask = _check_common(x, x_mask, y, y_mask, method, cfg, batch=False)
     return _register_jit(x, x_mask, y, y_mask, method=method, cfg=_canonical_cfg(method, cfg))
@@ -536,6 +561,12 @@ def rigid_cpd(
 
     Returns:
       CPDResult; ``R`` [3, 3], ``s`` [], ``t`` [3] (units) hold the transform, ``B = s R``.
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = rigid_cpd(x, None, x + 0.5, None)
+      >>> np.asarray(res.t, np.float64).round(3).tolist(), round(float(res.s), 3)
+      ([-0.5, -0.5, -0.5], 1.0)
     """
     return register(x, x_mask, y, y_mask, "rigid", cfg)
 
@@ -556,6 +587,12 @@ def affine_cpd(
 
     Returns:
       CPDResult; ``B`` [3, 3] and ``t`` [3] (units) hold the transform.
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = affine_cpd(x, None, 1.1 * x, None)
+      >>> bool(np.allclose(res.ty, x, atol=1e-3))
+      True
     """
     return register(x, x_mask, y, y_mask, "affine", cfg)
 
@@ -576,6 +613,12 @@ def nonrigid_cpd(
 
     Returns:
       CPDResult; ``W`` [M, 3] holds the kernel weights (``B = I``, ``t = 0``).
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = nonrigid_cpd(x, None, x + 0.05 * np.sin(2 * x), None)
+      >>> bool(np.allclose(res.ty, x, atol=1e-3)), res.W.shape
+      (True, (10, 3))
     """
     return register(x, x_mask, y, y_mask, "nonrigid", cfg)
 
@@ -598,6 +641,12 @@ def batched_register(
     Returns:
       CPDResult whose fields carry a leading [B] (``ty`` [B, M, 3], ``P`` [B, M, N], ...). Each
       element equals the single-pair result (the loop keeps finished pairs frozen).
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> res = batched_register(np.stack([x, x]), None, np.stack([x + 0.5, x - 0.5]), None)
+      >>> np.asarray(res.t, np.float64).round(3).tolist()
+      [[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]]
     """
     x, x_mask, y, y_mask = _check_common(x, x_mask, y, y_mask, method, cfg, batch=True)
     return _batched_register_jit(
@@ -633,6 +682,11 @@ def cpd_match(
     Returns:
       int64 array [M] (or [B, M]): template index matched to each test point, -1 for padded test
       slots, unassigned points (when M_valid > N_valid) and matches below ``min_prob``.
+
+    Example:
+      >>> x = np.random.default_rng(0).normal(size=(10, 3))  # [N, 3], any length unit
+      >>> cpd_match(x, None, x[::-1] + 0.01, None, method="rigid").tolist()
+      [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     """
     if not 0.0 <= float(min_prob) <= 1.0:
         raise ValueError(f"min_prob must be in [0, 1], got {min_prob}")

@@ -25,7 +25,17 @@ PathLike = str | os.PathLike
 
 
 class WormFileError(ValueError):
-    """A worm file is missing, unreadable or not in the expected format."""
+    """A worm file is missing, unreadable or not in the expected format.
+
+    A ``ValueError`` whose message starts with the file's path.
+
+    Example:
+      >>> try:
+      ...     load_worm("no_such_worm.npz")
+      ... except WormFileError as e:
+      ...     print(e)
+      no_such_worm.npz: no such file
+    """
 
 
 def _fail(path: PathLike, problem: str) -> WormFileError:
@@ -45,8 +55,15 @@ def load_worm(path: PathLike) -> Worm:
     Returns:
       The validated Worm.
 
+    Raises:
+      WormFileError: the file is missing, unreadable, of an unknown suffix or holds an invalid worm.
+
     Example:
       >>> worm = load_worm("template.npz")  # doctest: +SKIP
+      >>> from fdnc_jax.datasets import bundled_worm_paths
+      >>> worm = load_worm(bundled_worm_paths()[0])
+      >>> worm.xyz_um.shape == (worm.n, 3)
+      True
     """
     p = Path(path)
     if not p.exists():
@@ -70,7 +87,26 @@ def load_worm(path: PathLike) -> Worm:
 
 
 def save_worm(worm: Worm, path: PathLike) -> None:
-    """Saves a worm to ``.npz`` or ``.csv`` atomically (written to a temporary file, then renamed)."""
+    """Saves a worm to ``.npz`` or ``.csv`` atomically (written to a temporary file, then renamed).
+
+    The file holds positions in µm ([N, 3]), names ([N]), color ([N, C]) if any, ``mirrored`` and
+    the metadata, in the layout ``load_worm`` reads back.
+
+    Args:
+      worm: the Worm.
+      path: the destination; its suffix (``.npz`` or ``.csv``) picks the format.
+
+    Raises:
+      WormFileError: an unsupported suffix.
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (50, 3)))
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_worm(w, pathlib.Path(d) / "w.csv")
+      ...     load_worm(pathlib.Path(d) / "w.csv").n
+      50
+    """
     if not isinstance(worm, Worm):
         raise TypeError(f"worm must be a Worm, got {type(worm).__name__}")
     p = Path(path)
@@ -87,6 +123,18 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Tru
     """Writes a file through ``write(f)`` into a temporary sibling, then renames it into place.
 
     A crash mid-write leaves the previous file (if any) untouched and no partial file behind.
+
+    Args:
+      path: the destination (parent folders are created).
+      write: called once with the open temporary file.
+      binary: open the file in binary mode (else text, UTF-8).
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     atomic_write(pathlib.Path(d) / "a.txt", lambda f: f.write("hi"), binary=False)
+      ...     (pathlib.Path(d) / "a.txt").read_text()
+      'hi'
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +212,13 @@ def write_npz(f: IO[bytes], arrays: dict[str, Any]) -> None:
 
     Args:
       f: a binary file object opened for writing.
-      arrays: name → array (names without the ``.npy`` suffix).
+      arrays: name → array of any shape (names without the ``.npy`` suffix).
+
+    Example:
+      >>> buf = io.BytesIO()
+      >>> write_npz(buf, {"xyz_um": np.zeros((4, 3))})
+      >>> np.load(io.BytesIO(buf.getvalue()))["xyz_um"].shape
+      (4, 3)
     """
     with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(arrays):
@@ -268,7 +322,18 @@ def load_fdnc_pickle(path: PathLike, trust: bool = False) -> Worm:
       trust: must be True: unpickling runs code from the file, so only load files you trust.
 
     Returns:
-      The Worm of the kept neurons, color from ``fluo``.
+      The Worm of the kept neurons (``pts`` [N, 3] µm), color [N, C] from ``fluo``.
+
+    Raises:
+      WormFileError: ``trust`` is False, or the file is missing or not an fDNC worm pickle.
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> d = {"pts": np.random.default_rng(0).uniform(0, 100, (5, 3)), "side": 0}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     _ = (pathlib.Path(tmp) / "w.data").write_bytes(pickle.dumps(d))
+      ...     load_fdnc_pickle(pathlib.Path(tmp) / "w.data", trust=True)
+      Worm(n=5, labelled=0, color=none, mirrored=True)
     """
     p = Path(path)
     if not trust:

@@ -23,7 +23,14 @@ def match_loss(
       test_mask: [B, M] bool.
 
     Returns:
-      dict with ``loss`` (scalar), ``nll`` and ``entropy`` (scalars), and the counts used.
+      dict with ``loss`` (scalar), ``nll`` and ``entropy`` (scalars, nats), and the counts used
+      (``n_supervised``, ``n_unlabelled``).
+
+    Example:
+      >>> lp = jax.nn.log_softmax(jnp.array([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]]), axis=-1)
+      >>> out = match_loss(lp, jnp.array([[0, 1]]), jnp.array([[True, True]]))
+      >>> round(float(out["loss"]), 4), int(out["n_supervised"])
+      (0.0134, 2)
     """
     n = log_probs.shape[-1] - 1
     matched = test_mask & (target >= 0)  # [B, M]
@@ -54,8 +61,20 @@ def topk_correct(
 
     The outlier column is excluded (as at inference). Only points with target ≥ 0 are counted.
 
+    Args:
+      log_probs: [B, M, N + 1] log-softmax over template slots and the outlier column.
+      target: [B, M] int, codes as in the module docstring.
+      test_mask: [B, M] bool.
+      ks: the k values to count.
+
     Returns:
       dict with ``count`` (scalar) and ``top{k}`` (scalar correct counts) for each k.
+
+    Example:
+      >>> lp = jax.nn.log_softmax(jnp.array([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]]), axis=-1)
+      >>> out = topk_correct(lp, jnp.array([[0, 0]]), jnp.array([[True, True]]), ks=(1, 2))
+      >>> {k: int(v) for k, v in out.items()}
+      {'count': 2, 'top1': 1, 'top2': 2}
     """
     counted = test_mask & (target >= 0)  # [B, M]
     scores = log_probs[..., :-1]  # [B, M, N]

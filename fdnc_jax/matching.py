@@ -130,6 +130,10 @@ def normalize_color(color: ArrayLike) -> np.ndarray:
 
     Raises:
       ValueError: fewer than 3 channels, negative or non-finite values.
+
+    Example:
+      >>> normalize_color([[2.0, 1.0, 1.0, 9.0], [0.0, 0.0, 0.0, 1.0]]).round(4).tolist()
+      [[0.5, 0.25, 0.25], [0.3333, 0.3333, 0.3333]]
     """
     return _normalize(_check_color(color, "color"))
 
@@ -153,6 +157,11 @@ def color_log_likelihood(template_color: ArrayLike, test_color: ArrayLike) -> np
 
     Raises:
       ValueError: wrong rank, fewer than 3 channels, negative or non-finite values.
+
+    Example:
+      >>> c = color_log_likelihood([[1, 0, 0], [1, 1, 1]], [[2, 2, 2]])
+      >>> c.shape, abs(float(c[0, 1])) < 1e-9, float(c[0, 0]) < 0  # same colors: KL = 0
+      ((1, 2), True, True)
     """
     x_raw = _check_color(template_color, "template_color", rank=2)
     y_raw = _check_color(test_color, "test_color", rank=2)
@@ -193,6 +202,11 @@ def match_scores(
       ValueError: see :func:`color_log_likelihood`; also NaN/rank problems in ``log_probs``,
         mask shapes, only one of the two colors given, color rows not matching M/N, or a
         negative / non-finite ``color_weight``.
+
+    Example:
+      >>> log_probs = np.log([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+      >>> match_scores(log_probs, template_mask=[True, False]).round(2).tolist()
+      [[-0.36, -inf], [-2.3, -inf]]
     """
     lp = _check_log_probs(log_probs)
     m, n = lp.shape[0], lp.shape[1] - 1
@@ -233,6 +247,11 @@ class Matching:
         padded test neurons.
       candidate_probs: [M, K] float64, their probabilities (0 for padded test neurons).
       outlier_probability: [M] float64, ``exp(log_probs[:, N])``; 0 for padded test neurons.
+
+    Example:
+      >>> m = match(np.log([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]), top_k=2)
+      >>> m.assignment.tolist(), m.candidates.shape
+      ([0, 1], (2, 2))
     """
 
     assignment: np.ndarray
@@ -243,12 +262,28 @@ class Matching:
 
     @property
     def num_assigned(self) -> int:
-        """Number of test neurons with a label (``assignment >= 0``)."""
+        """Number of test neurons with a label (``assignment >= 0``).
+
+        Example:
+          >>> match(np.log([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]]), top_k=1).num_assigned
+          2
+        """
         return int(np.sum(self.assignment >= 0))
 
 
 def row_softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over each row; rows without a finite entry give all zeros."""
+    """Softmax over each row; rows without a finite entry give all zeros.
+
+    Args:
+      scores: [M, N] scores; ``-inf`` entries get probability 0.
+
+    Returns:
+      [M, N] float64 probabilities, each row summing to 1 (or all 0).
+
+    Example:
+      >>> row_softmax(np.array([[0.0, 0.0, -np.inf], [-np.inf, -np.inf, -np.inf]])).tolist()
+      [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]
+    """
     row_max = np.max(scores, axis=1, keepdims=True, initial=-np.inf)
     finite_row = np.isfinite(row_max)
     shifted = np.where(np.isfinite(scores), scores - np.where(finite_row, row_max, 0.0), -np.inf)
@@ -307,6 +342,13 @@ def match(
 
     Raises:
       ValueError: invalid arguments (the message names the argument).
+
+    Example:
+      >>> m = match(np.log([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]), top_k=2)
+      >>> m.assignment.tolist()  # one-to-one: the second test neuron takes template neuron 1
+      [0, 1]
+      >>> m.outlier_probability.round(2).tolist()
+      [0.1, 0.1]
     """
     scores = match_scores(
         log_probs,
@@ -428,6 +470,11 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
 
     Raises:
       ValueError: wrong ranks or shapes.
+
+    Example:
+      >>> scores = jnp.array([[[0.9, 0.1], [0.8, 0.2]]])
+      >>> hungarian_assignment_batch(scores, jnp.ones((1, 2), bool)).tolist()
+      [[0, 1]]
     """
     scores, valid = _check_batch(scores, valid)
     return _assign_batch(scores, valid)
@@ -448,6 +495,11 @@ def hungarian_accuracy_batch(scores: ArrayLike, targets: ArrayLike, valid: Array
 
     Raises:
       ValueError: wrong ranks or shapes.
+
+    Example:
+      >>> scores = jnp.array([[[0.9, 0.1], [0.8, 0.2]]])
+      >>> hungarian_accuracy_batch(scores, jnp.array([[0, 0]]), jnp.ones((1, 2), bool)).tolist()
+      [0.5]
     """
     scores, valid = _check_batch(scores, valid)
     targets = jnp.asarray(targets)

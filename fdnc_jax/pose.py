@@ -44,6 +44,12 @@ def canonical_pose(xyz: jax.Array, mask: jax.Array) -> jax.Array:
 
     Returns:
       [P, 3] canonical coordinates centred on the valid points' mean; padded rows are 0.
+
+    Example:
+      >>> xyz = jnp.asarray(np.random.default_rng(0).normal(size=(10, 3)) * [1.0, 3.0, 2.0])
+      >>> c = canonical_pose(xyz, jnp.ones(10, bool))
+      >>> bool(jnp.all(jnp.diff(jnp.var(c, axis=0)) < 0))  # x has the largest spread
+      True
     """
     w = mask.astype(xyz.dtype)  # [P]
     n = jnp.maximum(jnp.sum(w), 1.0)
@@ -61,7 +67,19 @@ def canonical_pose(xyz: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def canonical_pose_batch(xyz: jax.Array, mask: jax.Array) -> jax.Array:
-    """``canonical_pose`` over a batch: xyz [B, P, 3], mask [B, P] → [B, P, 3]."""
+    """``canonical_pose`` over a batch: xyz [B, P, 3], mask [B, P] → [B, P, 3].
+
+    Args:
+      xyz: [B, P, 3] positions (model units), valid where ``mask``.
+      mask: [B, P] bool.
+
+    Returns:
+      [B, P, 3] canonical coordinates, one cloud at a time.
+
+    Example:
+      >>> canonical_pose_batch(jnp.ones((2, 5, 3)), jnp.ones((2, 5), bool)).shape
+      (2, 5, 3)
+    """
     return jax.vmap(canonical_pose)(xyz, mask)
 
 
@@ -81,6 +99,12 @@ def oracle_signs(
 
     Returns:
       [B, 3] ±1 signs, one of ``SIGN_FLIPS[:4]`` per pair.
+
+    Example:
+      >>> xyz = jnp.asarray(np.random.default_rng(0).normal(size=(1, 10, 3)))
+      >>> mask = jnp.ones((1, 10), bool)
+      >>> oracle_signs(xyz, mask, xyz, mask, jnp.arange(10)[None]).tolist()
+      [[1.0, 1.0, 1.0]]
     """
     t = canonical_pose_batch(template_xyz, template_mask)  # [B, N, 3]
     s = canonical_pose_batch(test_xyz, test_mask)  # [B, M, 3]

@@ -175,7 +175,8 @@ def evaluate_templates(
       >>> import fdnc_jax as fd
       >>> from fdnc_jax.datasets import bundled_worm_paths
       >>> worms = [fd.load_worm(p) for p in bundled_worm_paths()]  # 4 labs, 2 animals each
-      >>> r = evaluate_templates(fd.load_pretrained(), worms, ensemble_size=0, progress=False)
+      >>> r = evaluate_templates(fd.load_pretrained(), worms, modes=("position",), ensemble_size=0,
+      ...                        max_single_templates=1, progress=False)
       >>> sorted(r.summary())
       ['EY', 'NP', 'SF', 'SK1', 'all']
     """

@@ -155,6 +155,14 @@ class Worm:
           xyz_px: [N, 3] positions in pixels/voxels.
           um_per_px: µm per pixel, a scalar or one value per axis (x, y, z).
           **kwargs: names, color, mirrored, meta as for ``Worm``.
+
+        Returns:
+          The Worm with ``xyz_um`` [N, 3] = ``xyz_px * um_per_px`` (µm).
+
+        Example:
+          >>> w = Worm.from_pixels([[0, 0, 0], [100, 0, 0], [0, 50, 10]], um_per_px=0.5)
+          >>> w.xyz_um[1].tolist()
+          [50.0, 0.0, 0.0]
         """
         scale = np.asarray(um_per_px, np.float64)
         if scale.shape not in ((), (3,)):
@@ -166,20 +174,48 @@ class Worm:
 
     @property
     def n(self) -> int:
-        """Number of neurons."""
+        """Number of neurons, N.
+
+        Example:
+          >>> Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (50, 3))).n
+          50
+        """
         return int(self.xyz_um.shape[0])
 
     @property
     def has_color(self) -> bool:
+        """Whether the worm carries per-neuron color ([N, C] ``color`` is not None).
+
+        Example:
+          >>> Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]]).has_color
+          False
+        """
         return self.color is not None
 
     @property
     def labelled(self) -> np.ndarray:
-        """[N] bool, neurons with a name."""
+        """[N] bool, neurons with a name.
+
+        Example:
+          >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]], names=["AVAL", "", "AVAR"])
+          >>> w.labelled.tolist()
+          [True, False, True]
+        """
         return self.names != ""
 
     def check_template(self) -> None:
-        """Raises ValueError when non-empty names repeat (a template must name each neuron once)."""
+        """Raises ValueError when non-empty names repeat (a template must name each neuron once).
+
+        Raises:
+          ValueError: a non-empty name labels more than one neuron.
+
+        Example:
+          >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]], names=["AVAL", "AVAL", ""])
+          >>> w.check_template()
+          Traceback (most recent call last):
+          ...
+          ValueError: template names are duplicated: ['AVAL']; each name may label one neuron only
+        """
         named = self.names[self.labelled]
         uniq, counts = np.unique(named, return_counts=True)
         if np.any(counts > 1):
@@ -200,6 +236,14 @@ class Worm:
 
         Returns:
           [N, C] float32 ≥ 0.
+
+        Raises:
+          ValueError: no color, fewer than 3 channels, mostly negative values or no signal at all.
+
+        Example:
+          >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]], color=np.eye(3) + 0.5)
+          >>> w.color_for_matching().shape
+          (3, 3)
         """
         if self.color is None:
             raise ValueError(f"{name} has no color; pass use_color=False or give it color")
@@ -226,11 +270,36 @@ class Worm:
         return np.maximum(c, 0.0).astype(np.float32)
 
     def replace(self, **changes: Any) -> Worm:
-        """A copy with fields replaced (validated again)."""
+        """A copy with fields replaced (validated again).
+
+        Args:
+          **changes: new values of ``xyz_um`` ([N, 3] µm), ``names`` ([N]), ``color`` ([N, C]),
+            ``mirrored`` or ``meta``.
+
+        Returns:
+          The new Worm (the original is unchanged).
+
+        Example:
+          >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]])
+          >>> w.replace(mirrored=True).mirrored
+          True
+        """
         return dataclasses.replace(self, **changes)
 
     def subset(self, index: Any) -> Worm:
-        """The worm restricted to neurons ``index`` (bool mask or integer indices)."""
+        """The worm restricted to neurons ``index`` (bool mask or integer indices).
+
+        Args:
+          index: [N] bool mask or [K] integer indices of the neurons to keep (at least 3).
+
+        Returns:
+          A Worm with the selected neurons' positions (µm), names, color and per-neuron metadata.
+
+        Example:
+          >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (50, 3)))
+          >>> w.subset(np.arange(10)).n
+          10
+        """
         idx = np.asarray(index)
         meta = dict(self.meta)
         if "uncertain" in meta:  # Per-neuron flags follow the neurons.
@@ -260,6 +329,11 @@ def to_model_units(worm: Worm) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       xyz: [N, 3] float32 in model units (a ~100 µm head spans ~1.2 units).
       center_px: [3] float32, the per-axis median in px (before mirroring), for ``from_model_units``.
+
+    Example:
+      >>> xyz, center_px = to_model_units(Worm(xyz_um=[[0, 0, 0], [84, 0, 0], [0, 42, 0]]))
+      >>> xyz.round(2).tolist()
+      [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 0.0]]
     """
     px = worm.xyz_um.astype(np.float64) / UM_PER_PX
     center = np.median(px, axis=0)
@@ -279,6 +353,11 @@ def from_model_units(xyz: Any, center_px: Any, mirrored: bool = False) -> np.nda
 
     Returns:
       [N, 3] float32 µm.
+
+    Example:
+      >>> w = Worm(xyz_um=[[0, 0, 0], [84, 0, 0], [0, 42, 0]])
+      >>> from_model_units(*to_model_units(w)).round(3).tolist()
+      [[0.0, 0.0, 0.0], [84.0, 0.0, 0.0], [0.0, 42.0, 0.0]]
     """
     xyz = np.asarray(xyz, np.float64)
     if mirrored:

@@ -21,7 +21,13 @@ NEG_INF = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. Defaults are the paper's model (NIT_Registration)."""
+    """Architecture. Defaults are the paper's model (NIT_Registration).
+
+    Example:
+      >>> cfg = ModelConfig()
+      >>> cfg.width, cfg.layers, cfg.heads
+      (128, 6, 8)
+    """
 
     width: int = 128  # D, d_model.
     layers: int = 6  # Transformer encoder layers.
@@ -33,6 +39,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Builds a validated config from a mapping (e.g. ``config.model`` of a training config).
+
+        Args:
+          d: field name → value; missing fields keep their defaults.
+
+        Returns:
+          The ModelConfig.
+
+        Raises:
+          ValueError: an unknown field, width not divisible by heads, dropout outside [0, 1) or a
+            non-positive size.
+
+        Example:
+          >>> ModelConfig.from_dict({"width": 64, "heads": 2}).width
+          64
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -57,6 +79,16 @@ class FDNC(nnx.Module):
     Call with template points [B, N, 3] + mask [B, N] and test points [B, M, 3] + mask [B, M] (model
     units); returns log-probabilities [B, M, N + 1]: column n < N is "test point m is template point n",
     column N is "test point m is an outlier". Padded template columns get probability 0.
+
+    Args:
+      cfg: the ModelConfig.
+      rngs: random streams for the initial parameters (``nnx.Rngs(seed)``).
+
+    Example:
+      >>> net = FDNC(ModelConfig(width=8, layers=1, heads=2, ff_width=16), rngs=nnx.Rngs(0))
+      >>> xyz, mask = jnp.zeros((1, 5, 3)), jnp.ones((1, 5), bool)
+      >>> net(xyz, mask, xyz[:, :4], mask[:, :4]).shape  # [B, M, N + 1]
+      (1, 4, 6)
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -120,7 +152,18 @@ class FDNC(nnx.Module):
 
 
 def count_params(model: nnx.Module) -> int:
-    """Number of trainable scalars."""
+    """Number of trainable scalars.
+
+    Args:
+      model: any NNX module.
+
+    Returns:
+      The total size of its ``nnx.Param`` arrays.
+
+    Example:
+      >>> count_params(nnx.Linear(3, 8, rngs=nnx.Rngs(0)))  # 3 × 8 weights + 8 biases
+      32
+    """
     return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -134,6 +177,11 @@ class Model:
       other: nnx.State of the non-parameter variables (unused dropout RNG counters).
       config: the ModelConfig.
       info: free-form provenance (training steps, accuracy, source of the weights).
+
+    Example:
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> model.num_params == count_params(model.module())
+      True
     """
 
     graphdef: Any
@@ -146,25 +194,77 @@ class Model:
     def create(
         cls, config: ModelConfig, seed: int = 0, info: Mapping[str, Any] | None = None
     ) -> Model:
-        """A freshly initialised model (random weights: train it before use)."""
+        """A freshly initialised model (random weights: train it before use).
+
+        Args:
+          config: the architecture.
+          seed: seed of the initial parameters.
+          info: provenance to attach.
+
+        Returns:
+          The untrained Model.
+
+        Example:
+          >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16), seed=1)
+          >>> model.info, model.num_params
+          ({}, 641)
+        """
         graphdef, params, other = nnx.split(FDNC(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)
         return cls(graphdef, params, other, config, dict(info or {}))
 
     def replace_params(self, params: Any, info: Mapping[str, Any] | None = None) -> Model:
+        """A copy with other parameters (same structure and shapes) and, optionally, new info.
+
+        Args:
+          params: nnx.State of parameters shaped as ``self.params``.
+          info: new provenance (default: keep this model's).
+
+        Returns:
+          The new Model (this one is unchanged).
+
+        Example:
+          >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+          >>> model.replace_params(model.params, {"step": 0}).info
+          {'step': 0}
+        """
         return dataclasses.replace(
             self, params=params, info=dict(info if info is not None else self.info)
         )
 
     def module(self, params: Any | None = None) -> FDNC:
-        """The NNX module with ``params`` (default: this model's)."""
+        """The NNX module with ``params`` (default: this model's).
+
+        Args:
+          params: nnx.State of parameters shaped as ``self.params`` (e.g. while training).
+
+        Returns:
+          The FDNC module, callable on [B, N, 3] / [B, M, 3] point sets.
+
+        Example:
+          >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+          >>> isinstance(model.module(), FDNC)
+          True
+        """
         return nnx.merge(self.graphdef, self.params if params is None else params, self.other)
 
     @property
     def num_params(self) -> int:
+        """Number of trainable scalars.
+
+        Example:
+          >>> Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16)).num_params
+          641
+        """
         return int(sum(x.size for x in jax.tree.leaves(self.params)))
 
     @property
     def uses_color(self) -> bool:
+        """Whether the model takes per-point color ([B, N, C] inputs, ``color_features > 0``).
+
+        Example:
+          >>> Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16)).uses_color
+          False
+        """
         return self.config.color_features > 0
 
     def __repr__(self) -> str:

@@ -22,6 +22,11 @@ class PointEmbedding(nnx.Module):
       width: D.
       position_scale: multiplies the (model-unit) positions; a head spans ~1.2 units, so 4 gives
         coordinates of order one.
+
+    Example:
+      >>> embed = PointEmbedding(3, 8, rngs=nnx.Rngs(0))
+      >>> embed(jnp.zeros((1, 5, 3))).shape  # [B, L, D]
+      (1, 5, 8)
     """
 
     def __init__(
@@ -39,7 +44,21 @@ class PointEmbedding(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Post-norm transformer encoder layer (as PyTorch's TransformerEncoderLayer, ReLU, dropout)."""
+    """Post-norm transformer encoder layer (as PyTorch's TransformerEncoderLayer, ReLU, dropout).
+
+    Args:
+      width: D, the token width.
+      heads: attention heads (D must be divisible by it).
+      ff_width: F, the feed-forward width.
+      dropout: dropout rate in [0, 1) (used when called with ``deterministic=False``).
+      rngs: random streams for the initial parameters.
+
+    Example:
+      >>> block = EncoderBlock(8, 2, 16, 0.0, rngs=nnx.Rngs(0))
+      >>> mask = key_padding_mask(jnp.ones((1, 5), bool))
+      >>> block(jnp.zeros((1, 5, 8)), mask, deterministic=True, rngs=None).shape  # [B, L, D]
+      (1, 5, 8)
+    """
 
     def __init__(self, width: int, heads: int, ff_width: int, dropout: float, *, rngs: nnx.Rngs):
         self.attention = nnx.MultiHeadAttention(
@@ -70,7 +89,12 @@ class EncoderBlock(nnx.Module):
 
 
 def key_padding_mask(valid: jax.Array) -> jax.Array:
-    """valid: [B, L] bool → [B, 1, L, L] attention mask letting every query attend to valid keys."""
+    """valid: [B, L] bool → [B, 1, L, L] attention mask letting every query attend to valid keys.
+
+    Example:
+      >>> key_padding_mask(jnp.array([[True, False]])).astype(int).tolist()
+      [[[[1, 0], [1, 0]]]]
+    """
     return jnp.broadcast_to(
         valid[:, None, None, :], (valid.shape[0], 1, valid.shape[1], valid.shape[1])
     )

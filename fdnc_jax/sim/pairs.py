@@ -44,7 +44,8 @@ def normalize_color(color: np.ndarray) -> np.ndarray:
       [N, 3] float32 rows summing to ~1, clipped ≥ 1e-5 (rows without signal: uniform).
 
     Example:
-      >>> normalize_color(np.array([[2.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])).round(3).tolist()
+      >>> c = normalize_color(np.array([[2.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]))  # [N, 3] float32
+      >>> c.astype(float).round(3).tolist()
       [[0.5, 0.25, 0.25], [0.333, 0.333, 0.333]]
     """
     return matching.normalize_color(np.maximum(np.asarray(color, np.float64), 0.0)).astype(np.float32)
@@ -242,7 +243,8 @@ def synthesize(
     Example:
       >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (20, 3)))  # 20 neurons, µm
       >>> bank, synth = make_source_bank([w]), jax.jit(synthesize, static_argnames="cfg")
-      >>> xyz, mask, labels, _ = synth(jax.random.key(0), bank.xyz[0], bank.mask[0], None, cfg=SimConfig())
+      >>> out = synth(jax.random.key(0), bank.xyz[0], bank.mask[0], None, cfg=SimConfig())
+      >>> xyz, mask, labels, color = out
       >>> xyz.shape  # Q = P + cfg.max_outliers = 32 + 20
       (52, 3)
     """

@@ -29,12 +29,22 @@ UM_PER_UNIT = UM_PER_PX * MODEL_SCALE_PX  # 84 µm per model unit.
 
 
 def um_to_units(um: float) -> float:
-    """Converts a length in µm to model units (÷ 0.42 µm/px ÷ 200 px/unit)."""
+    """Converts a length in µm to model units (÷ 0.42 µm/px ÷ 200 px/unit).
+
+    Example:
+      >>> round(um_to_units(84.0), 6)  # 84 µm = 200 px = 1 model unit
+      1.0
+    """
     return um / UM_PER_UNIT
 
 
 def px_to_units(px: float) -> float:
-    """Converts a length in pixels of 0.42 µm to model units (÷ 200)."""
+    """Converts a length in pixels of 0.42 µm to model units (÷ 200).
+
+    Example:
+      >>> px_to_units(50.0)
+      0.25
+    """
     return px / MODEL_SCALE_PX
 
 
@@ -50,6 +60,11 @@ def masked_mean(x: Array, mask: Array) -> Array:
 
     Returns:
       [D] the mean of the rows where ``mask`` (0 when none).
+
+    Example:
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]])
+      >>> masked_mean(x, jnp.array([True, True, False])).tolist()
+      [2.0, 3.0]
     """
     w = mask.astype(x.dtype)[:, None]  # [P, 1]
     total = jnp.sum(jnp.where(mask[:, None], x, 0.0), axis=0)  # [D]
@@ -77,6 +92,11 @@ def masked_median(x: Array, mask: Array) -> Array:
 
     Returns:
       [D] the median of the rows where ``mask`` (0 when none).
+
+    Example:
+      >>> x = jnp.array([[1.0], [5.0], [2.0], [9.0]])
+      >>> masked_median(x, jnp.array([True, True, True, False])).tolist()
+      [2.0]
     """
     n = jnp.sum(mask.astype(jnp.int32))
     big = jnp.int32(jnp.iinfo(jnp.int32).max)
@@ -105,6 +125,10 @@ def select_valid(u: Array, mask: Array) -> Array:
 
     Returns:
       [K] int32 slot indices.
+
+    Example:
+      >>> select_valid(jnp.array([0.0, 0.5, 0.99]), jnp.array([False, True, False, True])).tolist()
+      [1, 3, 3]
     """
     count = jnp.cumsum(mask.astype(jnp.int32))  # [P]
     j = jnp.floor(u * count[-1]).astype(jnp.int32)  # [K] rank among valid slots
@@ -211,6 +235,14 @@ def straighten(key: Array | None, xyz: Array, mask: Array, labels: Array, cfg: S
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> x = jnp.linspace(-0.5, 0.5, 8)
+      >>> xyz = jnp.stack([x, 0.3 * x**2, jnp.zeros(8)], axis=1)  # a bent worm, [P, 3]
+      >>> f = jax.jit(straighten, static_argnames="cfg")
+      >>> out, _, _ = f(None, xyz, jnp.ones(8, bool), jnp.arange(8), cfg=SimConfig())
+      >>> float(jnp.abs(out[:, 1:]).max()) < 1e-3  # now along the x axis
+      True
     """
     del key
     c = masked_mean(xyz, mask)  # [3]
@@ -243,6 +275,13 @@ def random_bend(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConf
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jnp.stack([jnp.linspace(-0.5, 0.5, 8), jnp.zeros(8), jnp.zeros(8)], axis=1)
+      >>> f = jax.jit(random_bend, static_argnames="cfg")
+      >>> out, _, _ = f(jax.random.key(0), xyz, jnp.ones(8, bool), jnp.arange(8), cfg=SimConfig())
+      >>> out.shape, bool(jnp.abs(out[:, 1]).max() > 0)  # bent in the xy plane
+      ((8, 3), True)
     """
     u = _draw(key, 2)
     per_mm = UM_PER_UNIT / 1000.0  # 1/mm → 1/unit
@@ -286,6 +325,14 @@ def smooth_warp(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConf
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.ones(8, bool), jnp.arange(8, dtype=jnp.int32)
+      >>> f = jax.jit(smooth_warp, static_argnames="cfg")
+      >>> out, _, _ = f(jax.random.key(0), xyz, mask, labels, cfg=SimConfig())
+      >>> round(float(jnp.sqrt(jnp.mean((out - xyz) ** 2))) * UM_PER_UNIT, 2)  # RMS, µm
+      4.5
     """
     k = cfg.warp_num_bumps
     u = _draw(key, 6 * k).reshape(2, k, 3)
@@ -315,6 +362,13 @@ def rotate_yz(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> out, _, _ = rotate_yz(jax.random.key(0), xyz, mask, labels, SimConfig())
+      >>> bool(jnp.allclose(out[:, 0], xyz[:, 0]))  # x (anterior–posterior) is kept
+      True
     """
     u = _draw(key, 3)
     theta = _sym(u[0], cfg.rotate_yz_max)
@@ -335,6 +389,13 @@ def rotate_xy(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> out, _, _ = rotate_xy(jax.random.key(0), xyz, mask, labels, SimConfig())
+      >>> bool(jnp.allclose(out[:, 2], xyz[:, 2]))  # z (optical axis) is kept
+      True
     """
     theta = _sym(_draw(key, 1)[0], cfg.rotate_xy_max)
     return _apply_linear(xyz, _rot_z(theta)), mask, labels
@@ -352,6 +413,13 @@ def scale(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) ->
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> out, _, _ = scale(jax.random.key(0), xyz, mask, labels, SimConfig(scale=0.05))
+      >>> bool(jnp.all(jnp.abs(out / xyz - 1.0) <= 0.05))
+      True
     """
     factors = 1.0 + _sym(_draw(key, 3), cfg.scale)  # [3]
     return xyz * factors[None, :], mask, labels
@@ -369,6 +437,13 @@ def shear_xy(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig)
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> out, _, _ = shear_xy(jax.random.key(0), xyz, mask, labels, SimConfig())
+      >>> bool(jnp.allclose(out[:, 2], xyz[:, 2]))  # z is kept
+      True
     """
     a, b = _sym(_draw(key, 2), cfg.shear_xy)
     m = jnp.eye(3).at[0, 1].set(a).at[1, 0].set(b)
@@ -400,6 +475,14 @@ def drop_points(
 
     Returns:
       (xyz [P, 3] unchanged, mask [P], labels [P]).
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> f = jax.jit(drop_points, static_argnames="cfg")
+      >>> _, keep, new_labels = f(jax.random.key(0), xyz, mask, labels, cfg=SimConfig())
+      >>> bool(jnp.all((new_labels == -3) == ~keep)), int(keep.sum()) <= 6
+      (True, True)
     """
     u = _draw(key, mask.shape[0] + 1)
     if rate is None:
@@ -443,6 +526,14 @@ def add_outliers(
 
     Returns:
       (xyz [P, 3], mask [P], labels [P]) with the outliers written into formerly empty slots.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (40, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(40) < 30, jnp.arange(40, dtype=jnp.int32)
+      >>> f = jax.jit(add_outliers, static_argnames="cfg")
+      >>> _, new_mask, new_labels = f(jax.random.key(0), xyz, mask, labels, SimConfig(), 0.2)
+      >>> int(jnp.sum(new_labels == -2)) == int(new_mask.sum()) - 30  # new slots hold outliers
+      True
     """
     if cfg.max_outliers == 0 or cfg.outlier_candidates == 0:
         return xyz, mask, labels
@@ -493,6 +584,13 @@ def jitter(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) -
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> out, _, _ = jitter(jax.random.key(0), xyz, mask, labels, SimConfig(jitter_um=1.0))
+      >>> bool(jnp.all(out[6:] == xyz[6:])), bool(jnp.all(out[:6] != xyz[:6]))  # valid rows move
+      (True, True)
     """
     if cfg.jitter_um == 0:
         return xyz, mask, labels
@@ -512,6 +610,14 @@ def recenter(key: Array | None, xyz: Array, mask: Array, labels: Array, cfg: Sim
 
     Returns:
       (xyz [P, 3], mask, labels), mask and labels unchanged.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> f = jax.jit(recenter, static_argnames="cfg")
+      >>> out, _, _ = f(None, xyz, mask, labels, cfg=SimConfig())
+      >>> bool(jnp.allclose(masked_median(out, mask), 0.0, atol=1e-6))
+      True
     """
     del key, cfg
     return xyz - masked_median(xyz, mask)[None, :], mask, labels
@@ -526,6 +632,10 @@ def shuffle_order(key: Array, num_points: int) -> Array:
 
     Returns:
       [P] int32 permutation: new slot i holds old slot ``order[i]``.
+
+    Example:
+      >>> sorted(shuffle_order(jax.random.key(0), 5).tolist())
+      [0, 1, 2, 3, 4]
     """
     # Sort random keys with the slot index packed into the low bits: one int sort (fast on CPU).
     # Ties of the 32 − ⌈log2 P⌉ random bits keep slot order (probability ~P²/2³³, negligible).
@@ -552,6 +662,14 @@ def shuffle(key: Array, xyz: Array, mask: Array, labels: Array, cfg: SimConfig) 
 
     Returns:
       (xyz [P, 3], mask [P], labels [P]) permuted together.
+
+    Example:
+      >>> xyz = jax.random.normal(jax.random.key(0), (8, 3)) * 0.3  # [P, 3] model units
+      >>> mask, labels = jnp.arange(8) < 6, jnp.arange(8, dtype=jnp.int32)
+      >>> f = jax.jit(shuffle, static_argnames="cfg")
+      >>> out, _, new_labels = f(jax.random.key(0), xyz, mask, labels, cfg=SimConfig())
+      >>> bool(jnp.all(out == xyz[new_labels]))  # labels follow their points
+      True
     """
     if not cfg.shuffle:
         return xyz, mask, labels

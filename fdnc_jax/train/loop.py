@@ -37,7 +37,26 @@ from fdnc_jax.worm import Worm
 
 def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Worm]]:
     """(train, validation) worms: a whole held-out lab (``val_lab``) or a ``val_fraction`` chosen by a
-    seeded hash of the file names (independent of file order)."""
+    seeded hash of the file names (independent of file order).
+
+    Args:
+      worms: the source worms.
+      data_cfg: ``config.data``: ``val_lab`` (a lab name, or '' to use ``val_fraction``),
+        ``val_fraction`` in (0, 1) and ``split_seed``.
+
+    Returns:
+      (train, validation) lists of Worms, each in the input order.
+
+    Raises:
+      ValueError: no worms, a ``val_lab`` matching no worm, or too few worms to split.
+
+    Example:
+      >>> worms = load_sources(ml_collections.ConfigDict({"sources": "bundled"}))
+      >>> cfg = ml_collections.ConfigDict({"val_lab": "NP", "val_fraction": 0.0, "split_seed": 0})
+      >>> train, val = split_sources(worms, cfg)
+      >>> len(train), [datasets.lab_of(w) for w in val]
+      (6, ['NP', 'NP'])
+    """
     if not worms:
         raise ValueError("config.data.sources matched no worms")
     if data_cfg.val_lab:
@@ -68,6 +87,20 @@ def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Wor
 
 
 def load_sources(data_cfg) -> list[Worm]:
+    """Loads the worms named by ``data_cfg.sources`` (see ``datasets.resolve_worm_files``).
+
+    Args:
+      data_cfg: ``config.data`` with ``sources``: "bundled", a folder, a glob, or a comma-separated
+        mix of these.
+
+    Returns:
+      The Worms (positions in µm), in file order.
+
+    Example:
+      >>> worms = load_sources(ml_collections.ConfigDict({"sources": "bundled"}))
+      >>> len(worms), worms[0].xyz_um.shape
+      (8, (188, 3))
+    """
     return [load_worm(p) for p in datasets.resolve_worm_files(data_cfg.sources)]
 
 
@@ -84,6 +117,22 @@ def bucketed_source_banks(
     bank per size bucket keeps a step's cost close to its worms' real size (one compile per bucket).
     With no buckets, one bank sized to the largest worm (rounded up to 16). ``with_identity``
     carries name indices for real across-animal pairs (pairs are drawn within a bank).
+
+    Args:
+      worms: the source worms (µm).
+      buckets: bank sizes P (points per worm); sizes ≥ the largest worm are replaced by its size
+        rounded up to 16.
+      use_color: carry normalised colors ([S, P, 3]).
+      with_identity: carry name indices ([S, P]).
+
+    Returns:
+      One SourceBank per non-empty bucket, by increasing P (xyz [S, P, 3] model units).
+
+    Example:
+      >>> worms = load_sources(ml_collections.ConfigDict({"sources": "bundled"}))
+      >>> banks = bucketed_source_banks(worms, buckets=[128, 160], use_color=False)
+      >>> [(b.num_sources, b.num_points) for b in banks]
+      [(2, 128), (2, 160), (4, 208)]
     """
     largest = max(w.n for w in worms)
     sizes = sorted(int(b) for b in buckets if int(b) < largest) + [_round_up(largest)]
@@ -108,7 +157,20 @@ def _hash_uniform(*values: int) -> float:
 
 def bank_for_step(step: int, weights: np.ndarray, seed: int) -> int:
     """Which source bank feeds ``step``: drawn ∝ bank size, a pure function of (seed, step) so that a
-    resumed run sees exactly the banks of an uninterrupted one."""
+    resumed run sees exactly the banks of an uninterrupted one.
+
+    Args:
+      step: the training step.
+      weights: [K] probabilities of the K banks (summing to 1).
+      seed: the run's seed.
+
+    Returns:
+      The bank index in [0, K).
+
+    Example:
+      >>> [bank_for_step(step, np.array([0.25, 0.75]), seed=0) for step in range(8)]
+      [0, 1, 1, 0, 1, 1, 1, 1]
+    """
     u = _hash_uniform(seed, step)
     return int(min(np.searchsorted(np.cumsum(weights), u, side="right"), len(weights) - 1))
 
@@ -116,7 +178,24 @@ def bank_for_step(step: int, weights: np.ndarray, seed: int) -> int:
 def validation_batches(
     bank: SourceBank, num_pairs: int, batch_size: int, sim_cfg: SimConfig, seed: int
 ) -> list[PairBatch]:
-    """A fixed held-out semi-synthetic set: the same pairs at every evaluation and on resume."""
+    """A fixed held-out semi-synthetic set: the same pairs at every evaluation and on resume.
+
+    Args:
+      bank: the validation SourceBank (xyz [S, P, 3] model units).
+      num_pairs: how many pairs (rounded up to whole batches).
+      batch_size: B, pairs per batch.
+      sim_cfg: the simulator settings.
+      seed: the seed of the set.
+
+    Returns:
+      ⌈num_pairs / B⌉ PairBatches with xyz [B, Q, 3], Q = P + ``sim_cfg.max_outliers``.
+
+    Example:
+      >>> w = Worm(xyz_um=np.random.default_rng(0).uniform(0, 100, (20, 3)))  # 20 neurons, µm
+      >>> batches = validation_batches(make_source_bank([w, w]), 4, 2, SimConfig(), seed=0)
+      >>> len(batches), batches[0].test_xyz.shape
+      (2, (2, 52, 3))
+    """
     key = jax.random.key(seed)
     n_batches = max(1, -(-num_pairs // batch_size))
     return [
@@ -129,7 +208,23 @@ def evaluate(
     eval_step, params, batches: Sequence[PairBatch], prefix: str = ""
 ) -> dict[str, float]:
     """Validation metrics over fixed batches: loss, top-1 and top-5 accuracy (argmax, no Hungarian),
-    keys prefixed with ``prefix``."""
+    keys prefixed with ``prefix``.
+
+    Args:
+      eval_step: ``step.make_eval_step(model)`` (or any function returning the same sums).
+      params: the model parameters passed to ``eval_step``.
+      batches: the PairBatches.
+      prefix: prepended to every key (e.g. "real_").
+
+    Returns:
+      ``{prefix}val_loss`` (mean per pair), ``{prefix}accuracy`` and ``{prefix}top5_accuracy``
+      (fractions of the counted test points) as floats.
+
+    Example:
+      >>> sums = {"loss_sum": 2.0, "pairs": 2.0, "top1": 3.0, "top5": 4.0, "count": 4.0}
+      >>> evaluate(lambda params, batch: sums, None, [None, None])
+      {'val_loss': 1.0, 'accuracy': 0.75, 'top5_accuracy': 1.0}
+    """
     sums = None
     for batch in batches:
         out = eval_step(params, batch)
@@ -182,6 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     Returns:
       The model with the best validation accuracy.
+
+    Example:
+      >>> from fdnc_jax.train.config_files import get_config
+      >>> model = train_and_evaluate(get_config("configs/small.py"), "runs/small")  # doctest: +SKIP
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

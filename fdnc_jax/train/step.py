@@ -36,6 +36,13 @@ class TrainState:
       params: nnx.State of the model parameters.
       opt_state: optax state (learning rate injected as a hyperparameter).
       nonfinite: [] int32, steps skipped because loss or gradients were not finite.
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> state = init_state(model, make_optimizer(1e-3, clip_norm=1.0))
+      >>> int(state.step), int(state.nonfinite)
+      (0, 0)
     """
 
     step: jax.Array
@@ -47,7 +54,21 @@ class TrainState:
 def make_optimizer(
     learning_rate: float, clip_norm: float, optimizer: str = "adam"
 ) -> optax.GradientTransformation:
-    """Gradient-norm clipping + Adam/AdamW with the learning rate injected (settable on plateau)."""
+    """Gradient-norm clipping + Adam/AdamW with the learning rate injected (settable on plateau).
+
+    Args:
+      learning_rate: the initial learning rate.
+      clip_norm: the maximum global gradient norm.
+      optimizer: "adam" or "adamw".
+
+    Returns:
+      The optax transformation; its state carries ``hyperparams['learning_rate']``.
+
+    Example:
+      >>> tx = make_optimizer(1e-3, clip_norm=1.0, optimizer="adamw")
+      >>> round(float(tx.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"]), 6)
+      0.001
+    """
 
     def build(learning_rate):
         opt = {"adam": optax.adam, "adamw": optax.adamw}[optimizer](learning_rate)
@@ -57,18 +78,55 @@ def make_optimizer(
 
 
 def learning_rate(state: TrainState) -> float:
+    """The learning rate the optimizer of ``state`` currently uses.
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> round(learning_rate(init_state(model, make_optimizer(1e-3, 1.0))), 6)
+      0.001
+    """
     return float(state.opt_state.hyperparams["learning_rate"])
 
 
 def with_learning_rate(state: TrainState, lr: float) -> TrainState:
-    """A copy of ``state`` whose optimizer uses ``lr`` from now on."""
+    """A copy of ``state`` whose optimizer uses ``lr`` from now on.
+
+    Args:
+      state: the TrainState.
+      lr: the new learning rate.
+
+    Returns:
+      The new TrainState (parameters and optimizer moments unchanged).
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> state = init_state(model, make_optimizer(1e-3, 1.0))
+      >>> round(learning_rate(with_learning_rate(state, 5e-4)), 6)
+      0.0005
+    """
     hyper = dict(state.opt_state.hyperparams)
     hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
     return dataclasses.replace(state, opt_state=state.opt_state._replace(hyperparams=hyper))
 
 
 def init_state(model: Model, tx: optax.GradientTransformation) -> TrainState:
-    """Step 0: the model's parameters and a fresh optimizer state."""
+    """Step 0: the model's parameters and a fresh optimizer state.
+
+    Args:
+      model: the Model whose parameters are trained.
+      tx: the optimizer (``make_optimizer``).
+
+    Returns:
+      The TrainState at step 0.
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> int(init_state(model, make_optimizer(1e-3, 1.0)).step)
+      0
+    """
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=model.params,
@@ -85,6 +143,24 @@ def forward(
     Canonical-pose models see each test in the flip of its canonical axes that agrees with the
     template (``pose.oracle_signs``, from the known correspondence): they learn to match in one
     consistent frame, and inference searches over the flips instead.
+
+    Args:
+      model: the Model (architecture).
+      params: nnx.State of parameters (e.g. ``state.params``).
+      batch: the PairBatch (template [B, N, 3], test [B, M, 3], model units).
+      deterministic: no dropout (evaluation); training passes False and a ``dropout_key``.
+      dropout_key: PRNG key for dropout.
+
+    Returns:
+      [B, M, N + 1] log-probabilities (last column: outlier).
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> xyz, mask = jnp.zeros((1, 5, 3)), jnp.ones((1, 5), bool)
+      >>> batch = PairBatch(xyz, mask, xyz[:, :4], mask[:, :4], target=jnp.arange(4)[None])
+      >>> forward(model, model.params, batch, deterministic=True).shape
+      (1, 4, 6)
     """
     test_signs = None
     if model.config.canonical_pose:
@@ -122,6 +198,27 @@ def make_train_step(
     The batch is simulated on device from ``fold_in(root_key, step)``: no host data pipeline. A step
     whose loss or gradient is not finite leaves the parameters unchanged and increments
     ``state.nonfinite`` (the loop turns that into an error at the next log step).
+
+    Args:
+      model: the Model (architecture; parameters come from the state).
+      tx: the optimizer.
+      sim_cfg: the simulator settings (static).
+      batch_size: B, pairs per step.
+      batch_sharding: optional sharding of the batch over devices (data parallel).
+
+    Returns:
+      The jitted step; ``metrics`` holds scalar loss, nll, entropy, train_accuracy and grad_norm.
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> tx = make_optimizer(1e-3, 1.0)
+      >>> train_step = make_train_step(model, tx, SimConfig(), batch_size=2)
+      >>> state = init_state(model, tx)
+      >>> # bank: a SourceBank (sim.pairs.make_source_bank); the first call compiles for seconds.
+      >>> state, metrics = train_step(state, bank, jax.random.key(0))  # doctest: +SKIP
+      >>> sorted(metrics)  # doctest: +SKIP
+      ['entropy', 'grad_norm', 'loss', 'nll', 'train_accuracy']
     """
 
     def step(state: TrainState, sources: SourceBank, root_key: jax.Array):
@@ -157,7 +254,24 @@ def make_train_step(
 
 
 def make_eval_step(model: Model) -> Callable[[Any, PairBatch], dict[str, jax.Array]]:
-    """Builds ``eval_step(params, batch) -> sums`` (loss × count, top-1/top-5 correct, count)."""
+    """Builds ``eval_step(params, batch) -> sums`` (loss × count, top-1/top-5 correct, count).
+
+    Args:
+      model: the Model (architecture).
+
+    Returns:
+      The jitted step; for a PairBatch of B pairs it returns scalar sums: ``loss_sum`` (mean loss
+      × B), ``pairs`` (B), ``top1`` / ``top5`` (correct test points) and ``count`` (counted ones).
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> xyz, mask = jnp.zeros((1, 5, 3)), jnp.ones((1, 5), bool)
+      >>> batch = PairBatch(xyz, mask, xyz[:, :4], mask[:, :4], target=jnp.arange(4)[None])
+      >>> sums = make_eval_step(model)(model.params, batch)
+      >>> sorted(sums), float(sums["count"])
+      (['count', 'loss_sum', 'pairs', 'top1', 'top5'], 4.0)
+    """
 
     def step(params, batch: PairBatch):
         log_probs = forward(model, params, batch, deterministic=True)
