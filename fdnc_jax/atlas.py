@@ -367,12 +367,10 @@ def _observations(
     """
     per_worm: list[dict[str, int]] = []
     for w, wid in zip(worms, ids, strict=True):
-        usable = w.labelled.copy()
+        usable = w.uniquely_named  # A name on two neurons is ambiguous: dropped.
         if cfg.skip_uncertain:
-            usable &= ~uncertain_mask(w)
-        names, counts = np.unique(w.names[usable], return_counts=True)
-        unique = set(names[counts == 1].tolist())  # A name on two neurons is ambiguous: dropped.
-        per_worm.append({n: i for i, n in enumerate(w.names) if usable[i] and n in unique})
+            usable = usable & ~uncertain_mask(w)
+        per_worm.append({w.names[i]: int(i) for i in np.flatnonzero(usable)})
         if not per_worm[-1]:
             raise ValueError(
                 f"worm {wid!r} has no usable neuron names: an atlas needs labelled worms"

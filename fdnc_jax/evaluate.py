@@ -343,12 +343,11 @@ def _none_one(template: Worm, test: Worm) -> _Match:
 
 def _unique_template(template: Worm) -> tuple[Worm, list[str]]:
     """The template with names that label several neurons blanked (ambiguous: not scorable)."""
-    named = template.names[template.labelled]
-    uniq, counts = np.unique(named, return_counts=True)
-    dup = uniq[counts > 1]
-    if not dup.size:
+    ambiguous = template.labelled & ~template.uniquely_named
+    if not ambiguous.any():
         return template, []
-    names = np.where(np.isin(template.names, dup), "", template.names)
+    dup = np.unique(template.names[ambiguous])
+    names = np.where(ambiguous, "", template.names)
     with warnings.catch_warnings():  # Worm.replace re-validates: its warnings were already shown.
         warnings.simplefilter("ignore")
         return template.replace(names=names), dup.tolist()

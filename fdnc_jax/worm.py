@@ -203,6 +203,19 @@ class Worm:
         """
         return self.names != ""
 
+    @property
+    def uniquely_named(self) -> np.ndarray:
+        """[N] bool, neurons whose name labels no other neuron of this worm (a name given to two
+        neurons is ambiguous: neither can be a correspondence).
+
+        Example:
+          >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]], names=["AVAL", "AVAL", "AVAR"])
+          >>> w.uniquely_named.tolist()
+          [False, False, True]
+        """
+        named, counts = np.unique(self.names[self.labelled], return_counts=True)
+        return self.labelled & ~np.isin(self.names, named[counts > 1])
+
     def check_template(self) -> None:
         """Raises ValueError when non-empty names repeat (a template must name each neuron once).
 

@@ -65,10 +65,7 @@ def name_identities(worms: Sequence[Worm]) -> tuple[np.ndarray, list[np.ndarray]
       >>> names.tolist(), ids[0].tolist()
       (['AVAL', 'AVAR'], [0, -1, 1])
     """
-    unique_per_worm = []
-    for w in worms:
-        named, counts = np.unique(w.names[w.labelled], return_counts=True)
-        unique_per_worm.append(set(named[counts == 1].tolist()))
+    unique_per_worm = [set(w.names[w.uniquely_named].tolist()) for w in worms]
     names = np.array(sorted(set().union(*unique_per_worm)), dtype=str)
     index = {n: k for k, n in enumerate(names)}
     ids = [
