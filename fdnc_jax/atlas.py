@@ -25,6 +25,7 @@ import importlib.resources
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -631,6 +632,72 @@ def _summarise(
     )
 
 
+# Neurons whose cell bodies lie in the anterior head (pharynx and anterior ganglion), used only to
+# point the anterior–posterior axis of a labelled worm.
+_ANTERIOR = re.compile(r"^(IL1|IL2|OLQ|CEP|URY|URA|I[1-6]|M[1-5]|MI|MC|NSM)")
+_DORSAL_VENTRAL = re.compile(r"^(.+)D([LR]?)$")
+
+
+def anatomical_handedness(worm: Worm) -> int:
+    """Whether a labelled worm's coordinates show the animal or its mirror image.
+
+    From the names alone: the anterior–posterior axis (principal axis, pointing to the anterior
+    ganglion and pharynx neurons), the left vector (mean of XL − XR over left/right pairs) and the
+    dorsal vector (mean of XD − XV over dorsal/ventral pairs such as RMED/RMEV, SMDDL/SMDVL). An
+    animal has det[anterior, left, dorsal] > 0 (a right-handed body frame; so do the OpenWorm
+    canonical positions). Microscopes whose z stack runs the other way record a mirror image: in
+    the shared WormND data, the EY, NP and most SK1 animals are mirror images, the SF ones are not.
+
+    Args:
+      worm: a Worm with names (µm).
+
+    Returns:
+      +1 anatomical handedness, −1 mirror image, 0 undetermined (fewer than 3 left/right pairs,
+      2 dorsal/ventral pairs or 3 anterior neurons, or axes too close to coplanar).
+
+    Example:
+      >>> from fdnc_jax.datasets import load_bundled_worm
+      >>> w = load_bundled_worm("NP_11_YAaLR")
+      >>> anatomical_handedness(w), anatomical_handedness(mirror_image(w))
+      (-1, 1)
+    """
+    named = worm.uniquely_named
+    pos = {n: worm.xyz_um[i].astype(np.float64) for i, n in zip(np.flatnonzero(named),
+                                                                 worm.names[named], strict=True)}
+    left = [pos[n] - pos[n[:-1] + "R"] for n in pos if n.endswith("L") and n[:-1] + "R" in pos]
+    dorsal = []
+    for n in pos:
+        m = _DORSAL_VENTRAL.match(n)
+        if m and f"{m.group(1)}V{m.group(2)}" in pos:
+            dorsal.append(pos[n] - pos[f"{m.group(1)}V{m.group(2)}"])
+    anterior = [x for n, x in pos.items() if _ANTERIOR.match(n)]
+    if len(left) < 3 or len(dorsal) < 2 or len(anterior) < 3:
+        return 0
+    xyz = worm.xyz_um.astype(np.float64)
+    centre = xyz.mean(axis=0)
+    axis = np.linalg.svd(xyz - centre, full_matrices=False)[2][0]
+    if (np.mean(anterior, axis=0) - centre) @ axis < 0:
+        axis = -axis
+    unit = lambda v: v / max(float(np.linalg.norm(v)), 1e-12)
+    det = float(np.linalg.det(np.stack([axis, unit(np.mean(left, 0)), unit(np.mean(dorsal, 0))])))
+    if abs(det) < 0.3:
+        return 0
+    return 1 if det > 0 else -1
+
+
+def mirror_image(worm: Worm) -> Worm:
+    """The worm reflected through its xy plane (z negated, µm): its mirror image.
+
+    Example:
+      >>> w = Worm(xyz_um=[[0, 0, 1], [10, 0, 2], [0, 10, 3]])
+      >>> mirror_image(w).xyz_um[:, 2].tolist()
+      [-1.0, -2.0, -3.0]
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Warnings were shown when the worm was loaded.
+        return worm.replace(xyz_um=worm.xyz_um * np.array([1.0, 1.0, -1.0], np.float32))
+
+
 def unify_handedness(
     worms: Sequence[Worm], config: AtlasConfig = AtlasConfig()
 ) -> tuple[list[Worm], np.ndarray]:
@@ -657,14 +724,5 @@ def unify_handedness(
     """
     atlas = build_atlas(worms, config, ids=[f"w{i}" for i in range(len(worms))])
     flipped = np.array([a["reflected"] for a in atlas.meta["animals"]], bool)
-    out = []
-    for w, f in zip(worms, flipped, strict=True):
-        if f:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Warnings were shown when the worm was loaded.
-                w = w.replace(
-                    xyz_um=w.xyz_um * np.array([1.0, 1.0, -1.0], np.float32),
-                    meta={**w.meta, "reflected_to_majority": True},
-                )
-        out.append(w)
+    out = [mirror_image(w) if f else w for w, f in zip(worms, flipped, strict=True)]
     return out, flipped

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fdnc_jax.atlas import AtlasConfig, build_atlas
+from fdnc_jax.atlas import AtlasConfig, anatomical_handedness, build_atlas, mirror_image
 from fdnc_jax.datasets import lab_of
 from fdnc_jax.evaluate import _unique_ids, _unique_template, _write_csv, _write_json
 from fdnc_jax.metrics import name_accuracy
@@ -145,6 +145,7 @@ def evaluate_templates(
     ensemble_size: int = 5,
     max_single_templates: int | None = None,
     atlas_config: AtlasConfig = AtlasConfig(),
+    match_handedness: bool = True,
     seed: int = 0,
     skip_uncertain: bool = True,
     progress: bool = True,
@@ -161,6 +162,10 @@ def evaluate_templates(
       max_single_templates: evaluate at most this many single-animal templates per held-out lab
         (a random subset drawn with ``seed``; default all).
       atlas_config: how each fold's atlas is built.
+      match_handedness: give every template the held-out lab's handedness convention: a template
+        whose names show the other handedness (``atlas.anatomical_handedness``) is mirrored. The
+        lab's convention is one bit per lab (the majority of its animals) — what a user knows about
+        their own microscope — not a per-animal peek at the test labels.
       seed: seed of the ensemble and template subsets.
       skip_uncertain: leave names marked uncertain out of the accuracy.
       progress: show a progress bar.
@@ -196,6 +201,7 @@ def evaluate_templates(
     if ensemble_size < 0:
         raise ValueError(f"ensemble_size must be ≥ 0, got {ensemble_size}")
     ids = _unique_ids(worms)
+    hand = [anatomical_handedness(w) if match_handedness else 0 for w in worms]
     color_ok = [w.has_color and _color_ok(w) for w in worms]
     rng = np.random.default_rng(seed)
     records: list[dict[str, Any]] = []
@@ -213,10 +219,19 @@ def evaluate_templates(
         folds.append((lab, test_idx, train_idx, singles, voters))
     total = sum(len(f[1]) * (len(f[3]) + 2) for f in folds) * len(modes)
     bar = tqdm(total=total, desc="templates", disable=not progress, leave=False)
+    conventions = {}
     for lab, test_idx, train_idx, singles, voters in folds:
+        convention = int(np.sign(sum(hand[i] for i in test_idx)))
+        conventions[lab] = convention
+
+        def as_lab(template: Worm, h: int, convention=convention) -> Worm:
+            return mirror_image(template) if h and convention and h != convention else template
+
         atlas = build_atlas(
             [worms[i] for i in train_idx], atlas_config, ids=[ids[i] for i in train_idx]
         ).to_worm()
+        if match_handedness:
+            atlas = as_lab(atlas, anatomical_handedness(atlas))
         atlas_id = f"atlas(-{lab})"
         for mode in modes:
             use_color = COLOR_MODES[mode]
@@ -269,7 +284,7 @@ def evaluate_templates(
             for j in singles:
                 if use_color and not color_ok[j]:
                     continue
-                template, _ = _unique_template(worms[j])
+                template = as_lab(_unique_template(worms[j])[0], hand[j])
                 add(
                     "single",
                     ids[j],
@@ -277,7 +292,9 @@ def evaluate_templates(
                     predict_batch(model, template, test_worms, use_color=use_color),
                 )
             members = [
-                _unique_template(worms[j])[0] for j in voters if color_ok[j] or not use_color
+                as_lab(_unique_template(worms[j])[0], hand[j])
+                for j in voters
+                if color_ok[j] or not use_color
             ]
             if members:
                 union = set().union(*(m.names[m.labelled].tolist() for m in members))
@@ -294,6 +311,8 @@ def evaluate_templates(
         "ensemble_size": ensemble_size,
         "max_single_templates": max_single_templates,
         "atlas_config": dataclasses.asdict(atlas_config),
+        "match_handedness": match_handedness,
+        "lab_handedness": conventions,
         "seed": seed,
         "skip_uncertain": skip_uncertain,
     }

@@ -253,3 +253,30 @@ def test_bundled_atlas_rebuilds_byte_for_byte(shared_data, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.read_bytes() == fd.atlas.bundled_atlas_path().read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# Handedness.
+
+
+def test_anatomical_handedness_and_mirror_image(np_rng):
+    from fdnc_jax.atlas import anatomical_handedness, mirror_image
+
+    for name, expect in (("NP_11_YAaLR", -1), ("EY_20190924_03", -1), ("SF_2023-01-09-15", 1)):
+        w = load_bundled_worm(name)
+        assert anatomical_handedness(w) == expect, name
+        assert anatomical_handedness(mirror_image(w)) == -expect
+        assert anatomical_handedness(_moved(w, np_rng, scale=1.3)) == expect  # proper motions keep it
+        assert anatomical_handedness(_moved(w, np_rng, mirror=True)) == -expect
+    assert anatomical_handedness(Worm(xyz_um=np_rng.uniform(0, 50, (20, 3)))) == 0  # no names
+    # The bundled atlas keeps the majority (EY/NP) convention.
+    assert anatomical_handedness(fd.load_atlas()) == -1
+
+
+def test_openworm_positions_are_anatomically_handed(shared_data):
+    """OpenWorm's canonical soma positions (a model of the real animal) read as +1."""
+    from fdnc_jax.atlas import anatomical_handedness
+
+    with np.load(shared_data / "data" / "c302" / "openworm_canonical_head.npz") as d:
+        worm = Worm(xyz_um=d["xyz_um"], names=d["names"])
+    assert anatomical_handedness(worm) == 1

@@ -126,3 +126,20 @@ def test_evaluate_cli_templates_mode(tmp_path):
     assert set(summary) == {"EY", "NP", "SF", "SK1", "all"}
     assert set(summary["EY"]) == {"position", "color"}
     assert (out / "templates_position.png").is_file() and (out / "templates.csv").is_file()
+
+
+def test_templates_take_the_held_out_labs_handedness(model, np_rng):
+    from fdnc_jax.atlas import mirror_image
+
+    base = fd.datasets.load_bundled_worm("NP_11_YAaLR")  # mirror-image convention (−1)
+    worms = _lab_worms(np_rng, base, {"A": 3, "B": 3})
+    worms[:3] = [mirror_image(w) for w in worms[:3]]  # lab A records the anatomical handedness
+    on = te.evaluate_templates(model, worms, modes=("position",), ensemble_size=0,
+                               progress=False)
+    assert on.settings["lab_handedness"] == {"A": 1, "B": -1}
+    off = te.evaluate_templates(model, worms, modes=("position",), ensemble_size=0,
+                                match_handedness=False, progress=False)
+    assert off.settings["lab_handedness"] == {"A": 0, "B": 0}
+    # Lab B's templates are mirrored for lab A's tests: the predictions change.
+    acc = lambda r: [x["accuracy"] for x in r.records if x["lab"] == "A" and x["kind"] == "single"]
+    assert acc(on) != acc(off)

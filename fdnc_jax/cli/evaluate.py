@@ -73,6 +73,10 @@ flags.DEFINE_integer(
     "max_templates", None, "templates mode: at most this many single-animal templates per held-out "
     "lab, a random subset chosen by --seed (count; default: all).",
 )
+flags.DEFINE_bool(
+    "match_handedness", True, "templates mode: mirror templates whose names show the other "
+    "handedness than the held-out lab's convention (the majority of its animals).",
+)
 flags.DEFINE_bool("plots", True, "Write PNG plots (accuracy box plot, calibration, example match).")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
 
@@ -186,7 +190,8 @@ def _evaluate_templates(model, methods, worms, failed):
         raise _Error("--mode=templates evaluates the fdnc matcher only (--methods=fdnc)")
     result = te.evaluate_templates(
         model, worms, ensemble_size=FLAGS.ensemble_size, max_single_templates=FLAGS.max_templates,
-        seed=FLAGS.seed, skip_uncertain=FLAGS.skip_uncertain, progress=FLAGS.progress,
+        match_handedness=FLAGS.match_handedness, seed=FLAGS.seed,
+        skip_uncertain=FLAGS.skip_uncertain, progress=FLAGS.progress,
     )
     result.skipped[:0] = [{"lab": "", "mode": "load", "reason": f["reason"]} for f in failed]
     summary = te.write_template_outputs(result, FLAGS.out, plots=FLAGS.plots)
