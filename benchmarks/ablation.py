@@ -4,7 +4,9 @@ For each model (the bundled weights, and any training workdirs given), on the re
 validation lab (never a training source):
   * single template: every ordered pair of the lab's animals (the paper's across-animal test);
   * ensemble: each animal named by voting over all the lab's other animals (``predict`` with a list);
-  * atlas: each animal named with an atlas built from the *other* labs (never its own lab);
+  * atlas of the other labs: built from the *other* labs only, mirrored to the lab's handedness
+    convention when its names show the other one (``atlas.anatomical_handedness``);
+  * atlas of the lab's other animals: leave-one-animal-out, like the ensemble but one mean shape;
 each position only and with the color term. CPD and no registration on the same pairs for reference.
 
 Run:
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import fdnc_jax as fd
-from fdnc_jax.atlas import build_atlas
+from fdnc_jax.atlas import anatomical_handedness, build_atlas, mirror_image
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template, evaluate_pairs, summarize
 from fdnc_jax.metrics import name_accuracy
@@ -65,6 +67,14 @@ def main() -> None:
     val = [_unique_template(w)[0] for w in worms if lab_of(w) == args.val_lab]
     others = [w for w in worms if lab_of(w) != args.val_lab]
     atlas = build_atlas(others, ids=[w.meta["worm"] for w in others]).to_worm()
+    convention = int(np.sign(sum(anatomical_handedness(w) for w in val)))
+    if anatomical_handedness(atlas) * convention < 0:
+        atlas = mirror_image(atlas)
+    own_atlases = [
+        build_atlas([w for w in val if w is not t], ids=[w.meta["worm"] for w in val if w is not t])
+        .to_worm()
+        for t in val
+    ]
     models = {"bundled": fd.load_pretrained()}
     for c in filter(None, args.checkpoints.split(",")):
         models[Path(c).name] = fd.load_checkpoint(c)
@@ -87,6 +97,9 @@ def main() -> None:
         )
         rows["atlas of the other labs"] = tuple(
             _mean_accuracy(model, [atlas] * len(val), val, c) for c in (False, True)
+        )
+        rows["atlas of the lab's other animals"] = tuple(
+            _mean_accuracy(model, own_atlases, val, c) for c in (False, True)
         )
         for kind, (pos, col) in rows.items():
             print(f"| {name} | {kind} | {100 * pos:.1f} % | {100 * col:.1f} % |")

@@ -76,8 +76,8 @@ class AtlasConfig:
     robust: bool = True
     tukey_c: float = 4.685
     warmup: int = 5
-    max_iter: int = 200
-    tol_um: float = 1e-5
+    max_iter: int = 1000
+    tol_um: float = 1e-4
     min_shared: int = 10
     max_scale_ratio: float = 1.6
     skip_uncertain: bool = True
