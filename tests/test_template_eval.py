@@ -106,6 +106,10 @@ def test_atlas_cli_build_info_and_errors(tmp_path):
     assert not (tmp_path / "x.npz").exists()
     proc = _run("fdnc_jax.cli.atlas")
     assert proc.returncode == 2 and "build or info" in proc.stderr
+    proc = _run("fdnc_jax.cli.atlas", "--help")
+    for flag in ("--data", "--out", "--atlas", "--min_animals", "--min_fraction", "--[no]scale",
+                 "--[no]allow_reflection", "--[no]robust", "--[no]skip_uncertain"):
+        assert flag in proc.stdout, flag
 
 
 def test_predict_cli_defaults_to_the_atlas(tmp_path):
