@@ -120,6 +120,12 @@ class SimilarityTransform:
 
     @property
     def reflected(self) -> bool:
+        """Whether the transform mirrors (det rotation < 0).
+
+        Example:
+          >>> SimilarityTransform(np.diag([1.0, 1.0, -1.0]), 1.0, np.zeros(3)).reflected
+          True
+        """
         return bool(np.linalg.det(self.rotation) < 0)
 
     def apply(self, xyz: Any) -> np.ndarray:
@@ -242,6 +248,12 @@ class Atlas:
 
     @property
     def n(self) -> int:
+        """Number of names K.
+
+        Example:
+          >>> Atlas.load(bundled_atlas_path()).n
+          194
+        """
         return int(self.names.shape[0])
 
     def to_worm(self) -> Worm:

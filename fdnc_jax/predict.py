@@ -95,7 +95,12 @@ class Prediction:
 
     @property
     def candidate_labels(self) -> np.ndarray:
-        """[M, K] str, names of the candidates."""
+        """[M, K] str, names of the top-k candidates ('' for an unnamed template neuron).
+
+        Example:
+          >>> pred.candidate_labels[0]  # doctest: +SKIP
+          array(['AVAL', 'AVAR', 'AVEL'], dtype='<U5')
+        """
         names = np.append(self.template_names, "")
         return names[np.where(self.candidates >= 0, self.candidates, len(self.template_names))]
 
