@@ -27,6 +27,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,7 @@ class Atlas:
         try:
             with np.load(p, allow_pickle=False) as d:
                 arrays = {k: d[k] for k in d.files}
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise WormFileError(f"{os.fspath(p)}: not a readable atlas file ({e})") from e
         missing = {"xyz_um", "names", "cov_um2", "n_animals", "meta"} - set(arrays)
         if missing:
@@ -316,8 +317,18 @@ class Atlas:
             cov_um2=arrays["cov_um2"].astype(np.float64),
             n_animals=arrays["n_animals"].astype(np.int64),
             color=arrays["rgb"].astype(np.float64) if "rgb" in arrays else None,
-            meta=json.loads(str(arrays["meta"])),
+            meta=_load_meta(p, arrays["meta"]),
         )
+
+
+def _load_meta(path: Path, raw: np.ndarray) -> dict[str, Any]:
+    try:
+        meta = json.loads(str(raw))
+    except json.JSONDecodeError as e:
+        raise WormFileError(f"{os.fspath(path)}: the atlas 'meta' is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise WormFileError(f"{os.fspath(path)}: the atlas 'meta' is not a JSON object")
+    return meta
 
 
 def bundled_atlas_path() -> Path:
@@ -411,9 +422,14 @@ def _observations(
         k, j = np.array(rows).T
         pos[i, k] = w.xyz_um[j]
         if color is not None and w.has_color and w.color.shape[1] >= 3:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Clipping is reported when the worm is used.
-                c = w.color_for_matching(f"worm {ids[i]!r}")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Clipping is reported when the worm is used.
+                    c = w.color_for_matching(f"worm {ids[i]!r}")
+            except ValueError as e:  # Positions are still usable: the worm adds no color.
+                warnings.warn(f"atlas: color of {e}; its positions are used, its color is not",
+                              stacklevel=3)
+                continue
             color[i, k] = normalize_color(c[j])
     return names, pos, np.isfinite(pos[..., 0]), color
 
@@ -715,17 +731,22 @@ def unify_handedness(
 ) -> tuple[list[Worm], np.ndarray]:
     """Mirrors the animals whose neurons are the mirror image of the majority (z negated).
 
-    Some microscopes image a mirror image of the worm (37 of 38 SF WormND animals relative to EY/NP).
-    Real pairs across such animals cannot be matched by any rotation; training on them would teach
-    the network to swap left and right. The handedness of each animal is read from a robust
-    Procrustes fit to the atlas of all of them (``build_atlas``, reflection allowed).
+    Microscopes differ in which handedness they record (in WormND, the 38 SF and 5 SK1 animals are
+    mirror images of the EY, NP and other SK1 ones; ``anatomical_handedness`` says SF is the animal's
+    own). Real pairs across such animals cannot be matched by any rotation; training on them would
+    teach the network to swap left and right. The handedness of each animal is read from a robust
+    Procrustes fit to the atlas of all labelled ones (``build_atlas``, reflection allowed); animals
+    without usable names are left as they are.
 
     Args:
-      worms: ≥ 3 labelled Worms (µm).
+      worms: Worms (µm); ≥ 3 of them labelled.
       config: how the atlas used for the decision is built.
 
     Returns:
       (worms with the minority mirrored, [W] bool which ones were mirrored).
+
+    Raises:
+      ValueError: the labelled worms cannot be aligned (naming the worm and what to change).
 
     Example:
       >>> from fdnc_jax.datasets import bundled_worm_paths
@@ -734,7 +755,15 @@ def unify_handedness(
       >>> int(flipped.sum())  # the two SF animals
       2
     """
-    atlas = build_atlas(worms, config, ids=[f"w{i}" for i in range(len(worms))])
-    flipped = np.array([a["reflected"] for a in atlas.meta["animals"]], bool)
+    labelled = [i for i, w in enumerate(worms) if w.uniquely_named.sum() >= config.min_shared]
+    try:
+        atlas = build_atlas([worms[i] for i in labelled], config)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot unify the handedness of the sources (an atlas fit of the labelled ones, done "
+            f"for sim.real_pair_fraction > 0; turn off with data.unify_handedness=False): {e}"
+        ) from e
+    flipped = np.zeros((len(worms),), bool)
+    flipped[labelled] = [a["reflected"] for a in atlas.meta["animals"]]
     out = [mirror_image(w) if f else w for w, f in zip(worms, flipped, strict=True)]
     return out, flipped

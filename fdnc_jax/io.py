@@ -208,7 +208,8 @@ def write_npz(f: IO[bytes], arrays: dict[str, Any]) -> None:
 
     ``np.savez_compressed`` stamps each member with the current time, so two saves of the same
     arrays differ; here every member gets a fixed 1980-01-01 timestamp and the members are written
-    in sorted order, so bundled files can be rebuilt byte for byte. ``np.load`` reads the result.
+    in sorted order, so bundled files can be rebuilt byte for byte (with the same zlib build: the
+    deflate stream is zlib's). ``np.load`` reads the result.
 
     Args:
       f: a binary file object opened for writing.
@@ -225,6 +226,7 @@ def write_npz(f: IO[bytes], arrays: dict[str, Any]) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
+            info.create_system = 3  # Unix on every platform (Windows would write 0).
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.asanyarray(arrays[name]), allow_pickle=False)
             zf.writestr(info, buf.getvalue(), compresslevel=6)

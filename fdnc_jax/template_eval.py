@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fdnc_jax.atlas import AtlasConfig, anatomical_handedness, build_atlas, mirror_image
 from fdnc_jax.datasets import lab_of
 from fdnc_jax.evaluate import _unique_ids, _unique_template, _write_csv, _write_json
-from fdnc_jax.metrics import name_accuracy
+from fdnc_jax.metrics import name_accuracy, uncertain_mask
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.predict import predict_batch, predict_ensemble
 from fdnc_jax.worm import Worm
@@ -71,7 +71,8 @@ class TemplateEvalResult:
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         """``{lab: {mode: {...}}}`` with the atlas's and the ensemble's mean accuracy over the lab's
         animals, and the single-animal templates' per-template means: median, min, max, and the
-        fraction of them the atlas beats. ``"all"`` pools the labs (animal-weighted).
+        fraction of them the atlas beats (each on its own held-out lab). ``"all"`` pools the labs
+        (animal-weighted means; the single templates of every fold together).
 
         Example:
           >>> result.summary()["all"]["color"]["atlas_beats_fraction"]  # doctest: +SKIP
@@ -93,13 +94,16 @@ class TemplateEvalResult:
                     v = [r["accuracy"] for r in rows if r["kind"] == kind]
                     return float(np.mean(v)) if v else float("nan")
 
-                if lab == "all":
-                    singles = np.array(
-                        [a for la in labs for a in self.per_template(la, mode, "single").values()]
-                    )
-                else:
-                    singles = np.array(list(self.per_template(lab, mode, "single").values()))
                 atlas = mean("atlas")
+                # Each single template is compared with the atlas on the same held-out lab.
+                singles, beaten = [], []
+                for la in labs if lab == "all" else [lab]:
+                    per = np.array(list(self.per_template(la, mode, "single").values()))
+                    lab_atlas = np.mean([r["accuracy"] for r in rows
+                                         if r["kind"] == "atlas" and r["lab"] == la] or [np.nan])
+                    singles.append(per)
+                    beaten.append(lab_atlas > per)
+                singles, beaten = np.concatenate(singles), np.concatenate(beaten)
                 entry = {
                     "n_tests": len({r["test"] for r in rows}),
                     "atlas": atlas,
@@ -109,8 +113,7 @@ class TemplateEvalResult:
                     "single_min": float(singles.min()) if singles.size else float("nan"),
                     "single_max": float(singles.max()) if singles.size else float("nan"),
                     "n_single_templates": int(singles.size),
-                    "atlas_beats_fraction": float(np.mean(atlas > singles))
-                    if singles.size
+                    "atlas_beats_fraction": float(np.mean(beaten)) if singles.size
                     else float("nan"),
                 }
                 out.setdefault(lab, {})[mode] = entry
@@ -291,17 +294,19 @@ def evaluate_templates(
                     template,
                     predict_batch(model, template, test_worms, use_color=use_color),
                 )
-            members = [
-                as_lab(_unique_template(worms[j])[0], hand[j])
-                for j in voters
-                if color_ok[j] or not use_color
-            ]
+            used = [j for j in voters if color_ok[j] or not use_color]
+            members = [as_lab(_unique_template(worms[j])[0], hand[j]) for j in used]
             if members:
-                union = set().union(*(m.names[m.labelled].tolist() for m in members))
+                # What the ensemble can name: its names, less those its annotators marked uncertain
+                # (as a single template's uncertain names are not scored).
+                union = set().union(*(
+                    m.names[m.labelled & ~(uncertain_mask(m) if skip_uncertain else False)].tolist()
+                    for m in members
+                ))
                 preds = [
                     predict_ensemble(model, members, t, use_color=use_color) for t in test_worms
                 ]
-                add("ensemble", "+".join(ids[j] for j in voters), union, preds)
+                add("ensemble", "+".join(ids[j] for j in used), union, preds)
     bar.close()
     settings = {
         "mode": "templates",

@@ -280,3 +280,24 @@ def test_openworm_positions_are_anatomically_handed(shared_data):
     with np.load(shared_data / "data" / "c302" / "openworm_canonical_head.npz") as d:
         worm = Worm(xyz_um=d["xyz_um"], names=d["names"])
     assert anatomical_handedness(worm) == 1
+
+
+def test_review_edge_cases(base, np_rng, tmp_path):
+    from fdnc_jax.atlas import unify_handedness
+    from fdnc_jax.io import WormFileError
+
+    copies = [_moved(base, np_rng) for _ in range(4)]
+    # A worm whose color carries no signal still gives its positions.
+    dark = copies[:3] + [copies[3].replace(color=np.zeros_like(base.color))]
+    with pytest.warns(UserWarning, match="its color is not"):
+        atlas = build_atlas(dark)
+    assert atlas.color is not None and np.all(atlas.n_animals == 4)
+    # Unlabelled worms are left as they are by unify_handedness.
+    unnamed = copies[0].replace(names=np.full(base.n, ""))
+    out, flipped = unify_handedness([unnamed, *copies[1:], _moved(base, np_rng, mirror=True)])
+    assert flipped.tolist() == [False, False, False, False, True] and out[0] is unnamed
+    # A corrupt atlas file is a clear error naming the file.
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(WormFileError, match="bad.npz"):
+        Atlas.load(bad)

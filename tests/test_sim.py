@@ -697,3 +697,9 @@ def test_real_pairs_across_animals_follow_the_names():
 def test_real_pair_fraction_is_validated():
     with pytest.raises(ValueError, match="real_pair_fraction"):
         SimConfig(real_pair_fraction=1.5)
+
+
+def test_real_pairs_need_identities():
+    bank = pairs.make_source_bank([_worm(0, 40), _worm(1, 40)])
+    with pytest.raises(ValueError, match="with_identity=True"):
+        pairs.make_pair_batch(jax.random.key(0), bank, 2, SimConfig(real_pair_fraction=0.5))

@@ -147,3 +147,22 @@ def test_templates_take_the_held_out_labs_handedness(model, np_rng):
     # Lab B's templates are mirrored for lab A's tests: the predictions change.
     acc = lambda r: [x["accuracy"] for x in r.records if x["lab"] == "A" and x["kind"] == "single"]
     assert acc(on) != acc(off)
+
+
+def test_pooled_summary_compares_each_template_on_its_own_lab():
+    rec = lambda lab, kind, t, test, acc: {"lab": lab, "mode": "position", "kind": kind,
+                                           "template": t, "test": test, "correct": 1,
+                                           "counted": 1, "accuracy": acc}
+    records = [rec("A", "atlas", "atlas", "a1", 0.9), rec("A", "single", "b1", "a1", 0.8),
+               rec("B", "atlas", "atlas", "b1", 0.3), rec("B", "single", "a1", "b1", 0.2)]
+    summary = te.TemplateEvalResult(records, [], {}).summary()
+    assert summary["A"]["position"]["atlas_beats_fraction"] == 1.0
+    assert summary["all"]["position"]["atlas_beats_fraction"] == 1.0  # not 0.6 (pooled atlas) > 0.8
+    assert summary["all"]["position"]["atlas"] == pytest.approx(0.6)
+
+
+def test_predict_cli_reflect_flags(tmp_path):
+    test = next(p for p in bundled_worm_paths() if p.stem.startswith("SF_"))
+    proc = _run("fdnc_jax.cli.predict", f"--test={test}", "--reflect_test", "--use_color=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout

@@ -65,7 +65,10 @@ def _build() -> int:
     paths = resolve_worm_files(FLAGS.data)
     worms = [load_worm(p) for p in paths]
     config = AtlasConfig(**{k: FLAGS[k].value for k in _SETTINGS})
-    atlas = build_atlas(worms, config, ids=[p.stem for p in paths], command=_command())
+    ids = [p.stem for p in paths]
+    if len(set(ids)) < len(ids):  # Same file name in two folders: the ids say which.
+        ids = [str(p) for p in paths]
+    atlas = build_atlas(worms, config, ids=ids, command=_command())
     atlas.save(FLAGS.out)
     _describe(atlas)
     print(f"wrote {FLAGS.out}")

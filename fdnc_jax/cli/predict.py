@@ -21,7 +21,9 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_string(
     "template", "atlas", "Template worm file (.npz/.csv; positions in µm, names optional), or "
-    "'atlas' for the bundled NeuroPAL head atlas (194 named neurons, mean of 90 animals).",
+    "'atlas' for the bundled NeuroPAL head atlas (194 named neurons, mean of 90 animals; in the "
+    "handedness of the EY/NP WormND recordings: if your microscope records the other one, add "
+    "--reflect_template).",
 )
 flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
 flags.DEFINE_enum(
@@ -43,6 +45,11 @@ flags.DEFINE_string("checkpoint", None, "Training workdir to load weights from (
 flags.DEFINE_string("weights", "default", "Name of bundled weights when --checkpoint is not given.")
 flags.DEFINE_bool("mirrored_test", False, "Test worms lie on the other side (negate x and z).")
 flags.DEFINE_bool("mirrored_template", False, "The template lies on the other side.")
+flags.DEFINE_bool(
+    "reflect_template", False, "Use the template's mirror image (z negated): a template recorded "
+    "in the other handedness convention than the tests (see fdnc_jax.atlas.anatomical_handedness).",
+)
+flags.DEFINE_bool("reflect_test", False, "Use the test worms' mirror images (z negated).")
 
 
 def _table(template, test, pred) -> str:
@@ -60,6 +67,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import fdnc_jax as fd
+    from fdnc_jax.atlas import mirror_image
     from fdnc_jax.metrics import name_accuracy
 
     try:
@@ -79,6 +87,10 @@ def main(argv):
             template = template.replace(mirrored=True)
         if FLAGS.mirrored_test:
             tests = [t.replace(mirrored=True) for t in tests]
+        if FLAGS.reflect_template:
+            template = mirror_image(template)
+        if FLAGS.reflect_test:
+            tests = [mirror_image(t) for t in tests]
         use_color = {"auto": None, "true": True, "false": False}[FLAGS.use_color]
         model = (
             fd.load_checkpoint(FLAGS.checkpoint)

@@ -320,10 +320,15 @@ def _one_pair(
     p = xyz.shape[0]
     k_tmpl, k_test = jax.random.split(key)
     b_xyz, b_mask, b_color, b_identity = bank
-    o_xyz, o_mask = b_xyz[other], b_mask[other]
-    o_color = None if b_color is None else b_color[other]
-    if straighten:
-        xyz, o_xyz = _straighten(xyz, mask, cfg), _straighten(o_xyz, o_mask, cfg)
+    if identity is None:  # Two copies of one animal (the original's pairs): straighten it once.
+        if straighten:
+            xyz = _straighten(xyz, mask, cfg)
+        o_xyz, o_mask, o_color = xyz, mask, color
+    else:
+        o_xyz, o_mask = b_xyz[other], b_mask[other]
+        o_color = None if b_color is None else b_color[other]
+        if straighten:
+            xyz, o_xyz = _straighten(xyz, mask, cfg), _straighten(o_xyz, o_mask, cfg)
     t_xyz, t_mask, t_lab, t_col = _synthesize(k_tmpl, xyz, mask, color, cfg, False)
     s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, o_xyz, o_mask, o_color, cfg, False)
     target = template_targets(t_lab, s_lab, p)
@@ -422,6 +427,11 @@ def make_pair_batch(
         )
     if sources.xyz.shape[0] == 0:
         raise ValueError("the source bank is empty (S = 0): no worm to synthesize from")
+    if cfg.real_pair_fraction > 0 and sources.identity is None:
+        raise ValueError(
+            f"cfg.real_pair_fraction={cfg.real_pair_fraction} needs name identities: build the bank "
+            "with make_source_bank(..., with_identity=True)"
+        )
     if sources.xyz.shape[1] < MIN_NEURONS:
         raise ValueError(
             f"sources have P={sources.xyz.shape[1]} slots; at least {MIN_NEURONS} are needed"

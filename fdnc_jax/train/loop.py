@@ -321,6 +321,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         real_val_batches = validation_batches(
             val_bank, config.data.val_pairs, tcfg.batch_size, real_cfg, val_seed + 1
         )
+        if not any(bool(jnp.any(b.target >= 0)) for b in real_val_batches):
+            raise ValueError(
+                "the validation worms share no neuron names: real validation pairs have no "
+                "correspondence to score (name the validation worms, or set sim.real_pair_fraction=0)"
+            )
     select_on = tcfg.get("select_on", "accuracy")
     if select_on not in ("accuracy", "real_accuracy"):
         raise ValueError(f"train.select_on={select_on!r} must be 'accuracy' or 'real_accuracy'")
