@@ -342,9 +342,14 @@ def format_template_table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
                 f"| {lab} | {mode} | {s['n_tests']} | {100 * s['atlas']:.1f} % | "
                 f"{100 * s['single_median']:.1f} % [{100 * s['single_min']:.1f}–"
                 f"{100 * s['single_max']:.1f}] | {100 * s['atlas_beats_fraction']:.0f} % of "
-                f"{s['n_single_templates']} | {100 * s['ensemble']:.1f} % |"
+                f"{s['n_single_templates']} | {_pct(s['ensemble'])} |"
             )
     return "\n".join(lines)
+
+
+def _pct(v: float) -> str:
+    """A fraction as '12.3 %', or '–' when it was not measured (NaN)."""
+    return "–" if not np.isfinite(v) else f"{100 * v:.1f} %"
 
 
 def write_template_outputs(
