@@ -328,12 +328,12 @@ def _log_probs(
             pending = (part, lp_device)
     if pending is not None:
         fetch(*pending)
-    chosen = np.array(
-        [
+    chosen = np.zeros((len(tests),), np.int64)
+    if k > 1:  # One hypothesis (no canonical pose, or "fixed"): nothing to score.
+        chosen[:] = [
             max(range(k), key=lambda h, i=i: _orientation_score(found[i, h]))
             for i in range(len(tests))
         ]
-    )
     return [found[i, h] for i, h in enumerate(chosen)], chosen
 
 
