@@ -230,8 +230,9 @@ def evaluate_templates(
         def as_lab(template: Worm, h: int, convention=convention) -> Worm:
             return mirror_image(template) if h and convention and h != convention else template
 
+        named = [i for i in train_idx if worms[i].uniquely_named.sum() >= atlas_config.min_shared]
         atlas = build_atlas(
-            [worms[i] for i in train_idx], atlas_config, ids=[ids[i] for i in train_idx]
+            [worms[i] for i in named], atlas_config, ids=[ids[i] for i in named]
         ).to_worm()
         if match_handedness:
             atlas = as_lab(atlas, anatomical_handedness(atlas))
