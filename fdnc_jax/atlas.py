@@ -37,7 +37,7 @@ import numpy as np
 from fdnc_jax.io import WormFileError, atomic_write, load_worm, write_npz
 from fdnc_jax.matching import normalize_color
 from fdnc_jax.metrics import uncertain_mask
-from fdnc_jax.worm import Worm
+from fdnc_jax.worm import Worm, as_worm_list
 
 BUNDLED_ATLAS = "atlas_head.npz"
 ATLAS_FORMAT = 1
@@ -474,9 +474,7 @@ def _principal_frame(mean: np.ndarray) -> np.ndarray:
 def _check_worms(worms: Sequence[Worm], ids: Sequence[str] | None) -> list[str]:
     if isinstance(worms, Worm) or not isinstance(worms, Sequence):
         raise TypeError(f"worms must be a sequence of Worms, got {type(worms).__name__}")
-    for i, w in enumerate(worms):
-        if not isinstance(w, Worm):
-            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
+    as_worm_list(worms)
     if len(worms) < 3:
         raise ValueError(
             f"an atlas needs at least 3 labelled animals, got {len(worms)}: with fewer, a mean "

@@ -51,7 +51,7 @@ from fdnc_jax.metrics import countable, name_accuracy, topk_name_accuracy
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.predict import Prediction, bucket_size, compile_count, predict_batch
 from fdnc_jax.sim.config import SimConfig
-from fdnc_jax.worm import Worm, to_model_units
+from fdnc_jax.worm import Worm, as_worm_list, to_model_units
 
 __all__ = [
     "METHODS",
@@ -645,10 +645,7 @@ def evaluate_pairs(
       [('NP_11_YAaLR', 'NP_20_YAaLR'), ('NP_20_YAaLR', 'NP_11_YAaLR')]
     """
     methods = parse_methods(methods, METHODS)
-    worms = list(worms)
-    for i, w in enumerate(worms):
-        if not isinstance(w, Worm):
-            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
+    worms = as_worm_list(worms)
     ids = _unique_ids(worms)
     labelled = [i for i, w in enumerate(worms) if w.labelled.any()]
     if not labelled:

@@ -28,7 +28,7 @@ from fdnc_jax.evaluate import _unique_ids, _unique_template, _write_csv, _write_
 from fdnc_jax.metrics import name_accuracy, uncertain_mask
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.predict import predict_batch, predict_ensemble
-from fdnc_jax.worm import Worm
+from fdnc_jax.worm import Worm, as_worm_list
 
 TEMPLATE_KINDS = ("atlas", "single", "ensemble")
 COLOR_MODES = {"position": False, "color": True}
@@ -188,10 +188,7 @@ def evaluate_templates(
       >>> sorted(r.summary())
       ['EY', 'NP', 'SF', 'SK1', 'all']
     """
-    worms = list(worms)
-    for i, w in enumerate(worms):
-        if not isinstance(w, Worm):
-            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
+    worms = as_worm_list(worms)
     bad = [m for m in modes if m not in COLOR_MODES]
     if bad or not modes:
         raise ValueError(f"modes must be a non-empty subset of {list(COLOR_MODES)}, got {modes}")

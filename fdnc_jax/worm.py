@@ -333,6 +333,24 @@ class Worm:
         )
 
 
+def as_worm_list(worms: Any) -> list[Worm]:
+    """``worms`` as a list, every element checked to be a Worm.
+
+    Raises:
+      TypeError: naming the first element that is not a Worm (``worms[i] is a ...``).
+
+    Example:
+      >>> w = Worm(xyz_um=[[0, 0, 0], [10, 0, 0], [0, 10, 0]])
+      >>> len(as_worm_list((w, w)))
+      2
+    """
+    worms = list(worms)
+    for i, w in enumerate(worms):
+        if not isinstance(w, Worm):
+            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
+    return worms
+
+
 def to_model_units(worm: Worm) -> tuple[np.ndarray, np.ndarray]:
     """Converts a worm to model units: (µm / 0.42 − median) / 200, mirrored if needed.
 

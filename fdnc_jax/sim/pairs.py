@@ -26,7 +26,7 @@ from fdnc_jax import matching
 from fdnc_jax.sim import transforms as T
 from fdnc_jax.sim.config import SimConfig
 from fdnc_jax.types import OUTLIER, PADDING, UNLABELLED, PairBatch, SourceBank
-from fdnc_jax.worm import MIN_NEURONS, Worm, to_model_units
+from fdnc_jax.worm import MIN_NEURONS, Worm, as_worm_list, to_model_units
 
 Array = jax.Array
 NUM_COLOR_CHANNELS = 3  # R, G, B: the channels the color term uses.
@@ -103,12 +103,9 @@ def make_source_bank(
       >>> bank.xyz.shape, bank.mask.shape
       ((2, 32, 3), (2, 32))
     """
-    worms = list(worms)
+    worms = as_worm_list(worms)
     if not worms:
         raise ValueError("make_source_bank needs at least one source worm, got an empty list")
-    for i, w in enumerate(worms):
-        if not isinstance(w, Worm):
-            raise TypeError(f"worms[{i}] is a {type(w).__name__}, expected a Worm")
     largest = max(w.n for w in worms)
     if num_points is None:
         num_points = -(-largest // 16) * 16
