@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fdnc_jax.atlas import AtlasConfig, anatomical_handedness, build_atlas, mirror_image
 from fdnc_jax.datasets import lab_of
-from fdnc_jax.evaluate import _unique_ids, _unique_template, _write_csv, _write_json
+from fdnc_jax.evaluate import _color_problem, _unique_ids, _unique_template, _write_csv, _write_json
 from fdnc_jax.metrics import name_accuracy, uncertain_mask
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.predict import predict_batch, predict_ensemble
@@ -120,16 +119,6 @@ class TemplateEvalResult:
         return out
 
 
-def _color_ok(worm: Worm) -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            worm.color_for_matching()
-    except ValueError:
-        return False
-    return True
-
-
 def _score(
     template: Worm | set[str], tests: Sequence[Worm], preds, skip_uncertain: bool
 ) -> list[tuple]:
@@ -202,7 +191,7 @@ def evaluate_templates(
         raise ValueError(f"ensemble_size must be ≥ 0, got {ensemble_size}")
     ids = _unique_ids(worms)
     hand = [anatomical_handedness(w) if match_handedness else 0 for w in worms]
-    color_ok = [w.has_color and _color_ok(w) for w in worms]
+    color_ok = [_color_problem(w, w) is None for w in worms]  # color term usable
     rng = np.random.default_rng(seed)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
