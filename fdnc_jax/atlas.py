@@ -450,10 +450,15 @@ def _biweights(residual: np.ndarray, present: np.ndarray, c: float) -> np.ndarra
     return np.where(present, w, 0.0)
 
 
+def _usable_weights(weights: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """[W, K] ``weights``, except for names whose weights all vanished: equal weights over the
+    animals where ``present`` (so their statistics fall back to plain ones)."""
+    return np.where(np.sum(weights, axis=0) > 0, weights, present.astype(np.float64))
+
+
 def _weighted_mean(values: np.ndarray, weights: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """[K, D] mean over animals of ``values`` [W, K, D]; names whose weights all vanished fall back
-    to the plain mean of their observations."""
-    w = np.where(np.sum(weights, axis=0) > 0, weights, present.astype(np.float64))  # [W, K]
+    """[K, D] mean over animals of ``values`` [W, K, D] (``_usable_weights``)."""
+    w = _usable_weights(weights, present)  # [W, K]
     v = np.where(w[..., None] > 0, values, 0.0)
     return np.sum(w[..., None] * v, axis=0) / np.maximum(np.sum(w, axis=0), 1e-300)[:, None]
 
@@ -635,7 +640,7 @@ def _summarise(
     record: dict[str, Any],
 ) -> Atlas:
     """The per-name statistics of the aligned animals."""
-    w = np.where(np.sum(weights, axis=0) > 0, weights, present.astype(np.float64))  # [W, K]
+    w = _usable_weights(weights, present)  # [W, K]
     dev = np.where(present[..., None], aligned - mean[None], 0.0)  # [W, K, 3]
     cov = (
         np.einsum("wk,wki,wkj->kij", w, dev, dev) / np.maximum(w.sum(axis=0), 1e-300)[:, None, None]
@@ -643,8 +648,7 @@ def _summarise(
     mean_color = None
     if color is not None:
         has = np.isfinite(color[..., 0])  # [W, K]
-        cw = np.where(has, w, 0.0)
-        cw = np.where(cw.sum(axis=0) > 0, cw, has.astype(np.float64))
+        cw = _usable_weights(np.where(has, w, 0.0), has)
         mean_color = np.sum(cw[..., None] * np.nan_to_num(color), axis=0)
         total = mean_color.sum(axis=-1, keepdims=True)
         mean_color = np.where(total > 0, mean_color / np.maximum(total, 1e-300), 1.0 / 3.0)
