@@ -48,8 +48,8 @@ def _mean_accuracy(model, templates, tests, use_color: bool) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pred = fd.predict(model, template, test, use_color=use_color)
-        names = (set().union(*(t.names[t.labelled].tolist() for t in template))
-                 if isinstance(template, list) else template)
+        # An ensemble can name the union of its templates' names: the prediction's template_names.
+        names = set(pred.template_names) if isinstance(template, list) else template
         c, n = name_accuracy(names, test, pred.labels)
         if n:
             acc.append(c / n)
