@@ -66,6 +66,7 @@ ROUNDS = 30
 BLOCKS = 3
 WARMUP = 3
 BATCHES = (1, 16, 64, 256)
+GPU_BATCHES = (1, 16, 64, 256, 1024)
 BATCH_NEURONS = 150
 MIN_SECONDS = 2.0  # Per throughput cell: repeat until this much time (at least 2 runs).
 
@@ -100,9 +101,24 @@ def throughput(fn, batch: int) -> float:
     return batch / statistics.median(times)
 
 
+# On a GPU run (JAX sees a GPU and torch has CUDA) the torch side runs on the GPU too, with TF32
+# matrix products allowed as XLA's default f32 precision on GPU does.
+ON_GPU = jax.default_backend() == "gpu" and torch.cuda.is_available()
+TORCH_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+if ON_GPU:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def torch_sync() -> None:
+    """Waits for queued CUDA work (timing); nothing on CPU."""
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
 def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
-    xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms]))
-    return xyz, torch.ones(xyz.shape[:2], dtype=torch.bool)
+    xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms])).to(TORCH_DEVICE)
+    return xyz, torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
 
 
 def main() -> None:
@@ -116,7 +132,8 @@ def main() -> None:
     print(f"jax {jax.__version__}, torch {torch.__version__}, load average {os.getloadavg()}")
 
     model = fd.Model.create(ModelConfig())
-    net = NITRegistration().eval()
+    net = NITRegistration().eval().to(TORCH_DEVICE)
+    print(f"torch device: {TORCH_DEVICE}")
     total, used = count_params(net)
     print(f"params: ours {model.num_params:,}; torch {total:,} with the original's prototype layer "
           f"(paper 4.15 M), {used:,} in its forward")
@@ -137,7 +154,7 @@ def main() -> None:
             t_xyz, t_mask = torch_inputs([t])
             s_xyz, s_mask = torch_inputs([s])
             with torch.inference_mode():
-                lp = net(t_xyz, t_mask, s_xyz, s_mask)[0].numpy()
+                lp = net(t_xyz, t_mask, s_xyz, s_mask)[0].cpu().numpy()
             return matching.match(lp, top_k=5)
 
         for _ in range(WARMUP):
@@ -151,10 +168,11 @@ def main() -> None:
 
         # Where the JAX time goes (same pair, medians of ROUNDS).
         t, s = fd.load_worm(t_path), fd.load_worm(s_path)
-        lp = predict_mod._log_probs(model, t, [s])[0]
+        signs = predict_mod.orientation_hypotheses(model, "auto")  # [1, 3] for this raw-frame model
+        lp = predict_mod._log_probs(model, t, [s], signs)[0][0]
         parts = {
             "load_worm x2": lambda: (fd.load_worm(t_path), fd.load_worm(s_path)),
-            "pad + forward + fetch": lambda: predict_mod._log_probs(model, t, [s]),
+            "pad + forward + fetch": lambda: predict_mod._log_probs(model, t, [s], signs),
             "host matching": lambda: matching.match(lp, top_k=5),
         }
         breakdown = {k: statistics.median(timed(f) * 1e3 for _ in range(ROUNDS // 2))
@@ -181,12 +199,13 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 2. batched throughput
     b_template = synthetic(BATCH_NEURONS, 0)
-    worms = [synthetic(BATCH_NEURONS, 1 + i) for i in range(max(BATCHES))]
+    batches = GPU_BATCHES if ON_GPU else BATCHES
+    worms = [synthetic(BATCH_NEURONS, 1 + i) for i in range(max(batches))]
     forward = predict_mod._compiled_forward(model)
     size = predict_mod.bucket_size(BATCH_NEURONS)
     t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, 0)
     rows = []
-    for b in BATCHES:
+    for b in batches:
         tests = worms[:b]
         s_xyz = np.stack([predict_mod._model_inputs(w, size, 0)[0] for w in tests])
         s_mask = np.stack([predict_mod._model_inputs(w, size, 0)[1] for w in tests])
@@ -196,11 +215,13 @@ def main() -> None:
         def torch_forward(tt_xyz=tt_xyz, tt_mask=tt_mask, ts_xyz=ts_xyz, ts_mask=ts_mask):
             with torch.inference_mode():
                 net(tt_xyz, tt_mask, ts_xyz, ts_mask)
+            torch_sync()
 
         pb = throughput(lambda tests=tests: fd.predict_batch(
             model, b_template, tests, use_color=False), b)
-        raw = throughput(lambda s_xyz=s_xyz, s_mask=s_mask: forward(
-            model.params, t_xyz, t_mask, s_xyz, s_mask, None, None).block_until_ready(), b)
+        s_signs = np.ones((b, 3), np.float32)  # The one (identity) orientation hypothesis.
+        raw = throughput(lambda s_xyz=s_xyz, s_mask=s_mask, s_signs=s_signs: forward(
+            model.params, t_xyz, t_mask, s_xyz, s_mask, None, None, s_signs).block_until_ready(), b)
         tf = throughput(torch_forward, b)
         rows.append((b, pb, raw, tf))
 

@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.plateau_patience = 5  # Validations without improvement before lr decay (paper).
     config.train.plateau_factor = 0.5  # Learning-rate factor on plateau; best weights restored.
     config.train.max_plateau_trials = 10  # Stop after this many decays (paper).
+    # Wall-clock budget in minutes for one invocation (0: none): when reached, training validates,
+    # saves and stops; rerunning on the same workdir resumes with a fresh budget.
+    config.train.max_minutes = 0.0
     config.train.progress_bar = True  # tqdm progress bar.
     # Validation metric that picks the best weights and drives the plateau schedule: "accuracy"
     # (semi-synthetic pairs of the validation worms) or "real_accuracy" (real pairs across the

@@ -212,3 +212,20 @@ def test_real_pairs_training_logs_and_selects_real_accuracy(tmp_path):
     bad = tiny_config(steps=2, select_on="real_accuracy")
     with pytest.raises(ValueError, match="real_pair_fraction"):
         train_and_evaluate(bad, tmp_path / "bad")
+
+
+def test_time_budget_validates_saves_and_resumes(tmp_path, monkeypatch):
+    from fdnc_jax.train import loop
+
+    clock = iter(range(0, 10**6, 10))  # Every reading of the clock is 10 s later than the last.
+    monkeypatch.setattr(loop, "_now", lambda: float(next(clock)))
+    config = tiny_config(steps=50, eval_every=25, log_every=5, checkpoint_every=25, max_minutes=1.0)
+    train_and_evaluate(config, tmp_path)
+    records = _records(tmp_path)
+    stop = records[-1]["step"]
+    assert 1 < stop < 50  # Stopped by the budget, not by train.steps.
+    assert "accuracy" in records[-1]  # ... after a last validation ...
+    assert load_checkpoint(tmp_path, which="latest").info["step"] == stop  # ... and a checkpoint.
+    config.train.max_minutes = 0.0
+    train_and_evaluate(config, tmp_path)  # Resumed without a budget: runs to train.steps.
+    assert load_checkpoint(tmp_path, which="latest").info["step"] == 50

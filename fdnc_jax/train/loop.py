@@ -267,6 +267,11 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
+def _now() -> float:
+    """Seconds on a monotonic clock (the training time budget's; replaced in tests)."""
+    return time.monotonic()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Model:
     """Trains (or resumes training) the fDNC matcher; returns the best model.
 
@@ -375,6 +380,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         store.save(which, int(s.step), jax.device_get(s), {**meta, **(extra or {})})
 
     t0 = time.time()
+    # Wall-clock budget of this invocation (a resumed run gets a fresh one); 0 → none.
+    budget_s = 60.0 * float(tcfg.get("max_minutes", 0.0) or 0.0)
+    t_start = _now()
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", disable=not tcfg.progress_bar)
     step = start
     try:
@@ -383,7 +391,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, metrics = train_step(state, bank, root_key)
             step += 1
             bar.update(1)
-            is_last = step == tcfg.steps
+            out_of_time = budget_s > 0 and _now() - t_start >= budget_s
+            if out_of_time:
+                _say(f"train.max_minutes={tcfg.max_minutes} reached at step {step}: last "
+                     "validation and checkpoint", tcfg)
+            is_last = step == tcfg.steps or out_of_time
             record = None
             if step % tcfg.log_every == 0 or is_last:
                 nonfinite = int(state.nonfinite)
@@ -439,6 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 log.write(record)
             if step % tcfg.checkpoint_every == 0 or is_last or run["stopped_early"]:
                 save(ckpt.LATEST, state)
+            if out_of_time:
+                break
     finally:
         bar.close()
         store.close()
