@@ -61,7 +61,9 @@ def main() -> None:
     shared = Path(os.environ.get("FDNC_SHARED", "../shared"))
     parser.add_argument("--data", default=str(shared / "data" / "wormnd"))
     parser.add_argument("--val_lab", default="NP")
-    parser.add_argument("--checkpoints", default="", help="comma-separated training workdirs")
+    parser.add_argument(
+        "--checkpoints", default="", help="comma-separated training workdirs or weights .npz files"
+    )
     args = parser.parse_args()
     worms = _load(args.data)
     val = [_unique_template(w)[0] for w in worms if lab_of(w) == args.val_lab]
@@ -77,7 +79,7 @@ def main() -> None:
     ]
     models = {"bundled": fd.load_pretrained()}
     for c in filter(None, args.checkpoints.split(",")):
-        models[Path(c).name] = fd.load_checkpoint(c)
+        models[Path(c).stem if c.endswith(".npz") else Path(c).name] = fd.load_checkpoint(c)
     print(f"validation lab {args.val_lab}: {len(val)} animals, {len(val) * (len(val) - 1)} pairs; "
           f"atlas from {len(others)} animals of the other labs")
     print("| model | template | position | + color |")

@@ -179,7 +179,7 @@ def main() -> None:
                      for k, f in parts.items()}
 
         pretrained = None  # (model, median ms) of the bundled weights, when shipped.
-        if (importlib.resources.files("fdnc_jax") / "data" / "fdnc_small.npz").is_file():
+        if (importlib.resources.files("fdnc_jax") / "data" / "fdnc_position.npz").is_file():
             small = fd.load_pretrained()
             run_small = lambda: fd.predict(small, fd.load_worm(t_path), fd.load_worm(s_path))
             for _ in range(WARMUP):
@@ -195,7 +195,7 @@ def main() -> None:
         print(f"  load_pretrained() model {pretrained[0].config}: end to end (color auto) "
               f"{pretrained[1]:.1f} ms")
     else:
-        print("  (no bundled fdnc_jax/data/fdnc_small.npz yet: load_pretrained() not timed)")
+        print("  (no bundled fdnc_jax/data/fdnc_position.npz: load_pretrained() not timed)")
 
     # ------------------------------------------------------------------ 2. batched throughput
     b_template = synthetic(BATCH_NEURONS, 0)

@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Wall-clock budget in minutes for one invocation (0: none): when reached, training validates,
     # saves and stops; rerunning on the same workdir resumes with a fresh budget.
     config.train.max_minutes = 0.0
+    config.train.tensorboard = True  # Also write workdir/tensorboard when tensorboard is installed.
     config.train.progress_bar = True  # tqdm progress bar.
     # Validation metric that picks the best weights and drives the plateau schedule: "accuracy"
     # (semi-synthetic pairs of the validation worms) or "real_accuracy" (real pairs across the

@@ -223,7 +223,9 @@ def _check_inputs(
         raise ValueError(f"min_probability={min_probability} must be in [0, 1]")
     both_color = template.has_color and all(t.has_color for t in tests)
     if use_color is None:
-        use_color = both_color
+        # A model that reads color as input already weighs it: the term after it double-counts
+        # (real NP pairs, bundled "color" weights: 56 % without the term, 43 % with it).
+        use_color = both_color and not model.uses_color
     if use_color:
         if not template.has_color:
             raise ValueError("use_color=True but the template has no color")
@@ -395,7 +397,8 @@ def predict_batch(
       model: from ``load_pretrained()`` or ``load_checkpoint(workdir)``.
       template: the reference Worm (names optional: without names, use ``assignment`` alone).
       tests: the Worms to match.
-      use_color: add the NeuroPAL color term (None: when template and all tests have color).
+      use_color: add the NeuroPAL color term after the network (None: when template and all tests
+        have color and the model does not take color as input).
       color_weight: weight of the color log-likelihood (60 as the original).
       top_k: number of candidates per test neuron (1 ≤ top_k ≤ template neurons).
       min_probability: assignments below this probability become −1 ("no label").

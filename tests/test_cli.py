@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-WEIGHTS = importlib.resources.files("fdnc_jax") / "data" / "fdnc_small.npz"
+WEIGHTS = importlib.resources.files("fdnc_jax") / "data" / "fdnc_position.npz"
 
 
 def run_predict(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -47,7 +47,10 @@ def test_missing_file_is_a_one_line_error(tmp_path):
 
 def test_demo_runs():
     if not WEIGHTS.is_file():
-        pytest.skip("bundled weights fdnc_jax/data/fdnc_small.npz not present yet")
-    out = run_predict("--demo")
+        pytest.skip("bundled weights fdnc_jax/data/fdnc_position.npz not present yet")
+    out = run_predict("--demo")  # Both demo worms have color: --weights=auto picks "color".
     assert out.returncode == 0, out.stderr
+    assert "model: bundled weights 'color'" in out.stdout
     assert "accuracy" in out.stdout
+    out = run_predict("--demo", "--weights=nope")
+    assert out.returncode == 2 and "no bundled weights named 'nope'" in out.stderr

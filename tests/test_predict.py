@@ -255,6 +255,20 @@ def test_color_problems(model):
         fd.predict(model, cloud(20, 62), template, use_color=True)
 
 
+def test_color_input_model_skips_color_term_by_default():
+    color_model = Model.create(ModelConfig(**{**TINY.__dict__, "color_features": 3}))
+    rng = np.random.default_rng(3)
+    template = cloud(30, 70, color=rng.uniform(0.1, 1, (30, 3)))
+    test = cloud(28, 71, color=rng.uniform(0.1, 1, (28, 3)))
+    auto = fd.predict(color_model, template, test)  # Color already read by the network ...
+    off = fd.predict(color_model, template, test, use_color=False)
+    on = fd.predict(color_model, template, test, use_color=True)  # ... the term only on request.
+    close(auto.probability, off.probability, atol=0)
+    assert not np.allclose(on.candidate_probs, off.candidate_probs)
+    with pytest.raises(ValueError, match="takes color as input"):
+        fd.predict(color_model, template, cloud(28, 72))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

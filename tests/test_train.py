@@ -12,7 +12,7 @@ import pytest
 
 import fdnc_jax as fd
 from fdnc_jax import losses
-from fdnc_jax.checkpoint import CheckpointError, load_checkpoint
+from fdnc_jax.checkpoint import CheckpointError, load_checkpoint, save_weights
 from fdnc_jax.train.config_files import get_config
 from fdnc_jax.train.loop import (
     bank_for_step,
@@ -58,6 +58,20 @@ def test_tiny_training_lowers_loss_and_writes_contract(trained):
     assert model.info["best_accuracy"] == max(r["accuracy"] for r in evals)
 
 
+def test_tensorboard_scalars_mirror_metrics(trained):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    workdir, _ = trained
+    board = EventAccumulator(str(workdir / "tensorboard"))
+    board.Reload()
+    evals = [r for r in _records(workdir) if "accuracy" in r]
+    scalars = board.Scalars("accuracy")
+    assert [e.step for e in scalars] == [r["step"] for r in evals]
+    np.testing.assert_allclose([e.value for e in scalars], [r["accuracy"] for r in evals], rtol=1e-6)
+    assert {"loss", "val_loss", "lr"} <= set(board.Tags()["scalars"])
+
+
 def test_load_checkpoint_predicts_one_to_one(trained):
     workdir, _ = trained
     model = fd.load_checkpoint(workdir)
@@ -66,6 +80,23 @@ def test_load_checkpoint_predicts_one_to_one(trained):
     assigned = pred.assignment[pred.assignment >= 0]
     assert len(assigned) == len(set(assigned.tolist())) > 0
     assert model.info["step"] in (20, 40, 60)
+
+
+def test_load_checkpoint_reads_exported_weights(trained, tmp_path):
+    workdir, _ = trained
+    model = fd.load_checkpoint(workdir)
+    save_weights(model, tmp_path / "w.npz")
+    again = fd.load_checkpoint(tmp_path / "w.npz")  # As fdnc-evaluate --checkpoint=w.npz does.
+    for x, y in zip(_params(model), _params(again), strict=True):
+        np.testing.assert_array_equal(x, y)
+    save_weights(model, tmp_path / "w16.npz", dtype="float16")
+    half = fd.load_checkpoint(tmp_path / "w16.npz")
+    for x, y in zip(_params(model), _params(half), strict=True):
+        assert y.dtype == np.float32  # Computed in float32 again ...
+        np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))  # ... rounded.
+    assert (tmp_path / "w16.npz").stat().st_size < 0.7 * (tmp_path / "w.npz").stat().st_size
+    with pytest.raises(ValueError, match="dtype"):
+        save_weights(model, tmp_path / "w8.npz", dtype="int8")
 
 
 def test_kill_and_resume_is_exact(tmp_path):

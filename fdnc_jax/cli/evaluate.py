@@ -51,8 +51,10 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("num_pairs", 2000, "semisynthetic mode: number of simulated pairs (count).")
 flags.DEFINE_string(
-    "checkpoint", None, "Training workdir (fdnc-train --workdir) to load the model from; default: "
-    "the bundled weights named by --weights.",
+    "checkpoint",
+    None,
+    "Training workdir (fdnc-train --workdir) or weights .npz to load the model from; default: the "
+    "bundled weights named by --weights.",
 )
 flags.DEFINE_string(
     "weights", "default", "Name of the bundled weights when --checkpoint is not given."

@@ -41,8 +41,15 @@ flags.DEFINE_string(
     "CSV to write (one row per test neuron; with several tests, "
     "one file per test: OUT stem + _<test stem>.csv).",
 )
-flags.DEFINE_string("checkpoint", None, "Training workdir to load weights from (default: bundled).")
-flags.DEFINE_string("weights", "default", "Name of bundled weights when --checkpoint is not given.")
+flags.DEFINE_string(
+    "checkpoint", None, "Training workdir or weights .npz to load from (default: bundled)."
+)
+flags.DEFINE_string(
+    "weights",
+    "auto",
+    "Bundled weights when --checkpoint is not given: default (positions), color (NeuroPAL color "
+    "as input), small, or auto = color when the template and every test have color, else default.",
+)
 flags.DEFINE_bool("mirrored_test", False, "Test worms lie on the other side (negate x and z).")
 flags.DEFINE_bool("mirrored_template", False, "The template lies on the other side.")
 flags.DEFINE_bool(
@@ -92,11 +99,15 @@ def main(argv):
         if FLAGS.reflect_test:
             tests = [mirror_image(t) for t in tests]
         use_color = {"auto": None, "true": True, "false": False}[FLAGS.use_color]
-        model = (
-            fd.load_checkpoint(FLAGS.checkpoint)
-            if FLAGS.checkpoint
-            else fd.load_pretrained(FLAGS.weights)
-        )
+        if FLAGS.checkpoint:
+            model, source = fd.load_checkpoint(FLAGS.checkpoint), FLAGS.checkpoint
+        else:
+            name = FLAGS.weights
+            if name == "auto":
+                colored = template.has_color and all(t.has_color for t in tests)
+                name = "color" if colored else "default"
+            model, source = fd.load_pretrained(name), f"bundled weights {name!r}"
+        print(f"model: {source} ({model.num_params:,} parameters)")
         preds = fd.predict_batch(
             model,
             template,

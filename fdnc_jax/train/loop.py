@@ -31,6 +31,7 @@ from fdnc_jax.model.fdnc import Model, ModelConfig
 from fdnc_jax.sim.config import SimConfig
 from fdnc_jax.sim.pairs import make_pair_batch, make_source_bank
 from fdnc_jax.train import step as train_step_lib
+from fdnc_jax.train.tensorboard import ScalarWriter
 from fdnc_jax.types import PairBatch, SourceBank
 from fdnc_jax.worm import Worm
 
@@ -373,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     start = int(state.step)
     log = _MetricsLog(workdir / "metrics.jsonl", start)
+    # TensorBoard scalars beside metrics.jsonl when the tensorboard package is installed.
+    board = ScalarWriter.create(workdir / "tensorboard") if tcfg.get("tensorboard", True) else None
     nonfinite_seen = int(state.nonfinite)
 
     def save(which: str, s, extra: dict[str, Any] | None = None) -> None:
@@ -449,6 +452,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 bar.set_postfix(acc=f"{val['accuracy']:.3f}")
             if record is not None:
                 log.write(record)
+                if board is not None:
+                    board.write(record)
             if step % tcfg.checkpoint_every == 0 or is_last or run["stopped_early"]:
                 save(ckpt.LATEST, state)
             if out_of_time:
@@ -456,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     finally:
         bar.close()
         store.close()
+        if board is not None:
+            board.close()
     return _best_model(model, best_state, run)
 
 
