@@ -245,6 +245,20 @@ def test_real_pairs_training_logs_and_selects_real_accuracy(tmp_path):
         train_and_evaluate(bad, tmp_path / "bad")
 
 
+def test_resume_with_another_select_on_selects_afresh(tmp_path):
+    config = tiny_config(steps=10, eval_every=5, log_every=5, checkpoint_every=5)
+    config.sim.real_pair_fraction = 0.5
+    config.data.val_fraction = 0.25
+    first = train_and_evaluate(config, tmp_path)  # Best on semi-synthetic accuracy ...
+    config.train.steps, config.train.select_on = 20, "real_accuracy"
+    model = train_and_evaluate(config, tmp_path)  # ... resumed: best on real pairs from now on.
+    later = [r for r in _records(tmp_path) if "accuracy" in r and r["step"] > 10]
+    assert model.info["best_accuracy"] == max(r["real_accuracy"] for r in later)
+    assert first.info["best_accuracy"] == max(
+        r["accuracy"] for r in _records(tmp_path) if "accuracy" in r and r["step"] <= 10
+    )
+
+
 def test_time_budget_validates_saves_and_resumes(tmp_path, monkeypatch):
     from fdnc_jax.train import loop
 

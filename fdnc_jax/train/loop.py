@@ -361,6 +361,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         best = store.restore(ckpt.BEST, abstract)
         best_state = best[0] if best is not None else state
         _say(f"resumed from {store.root / ckpt.LATEST} at step {int(state.step)}", config.train)
+        previous = meta.get("select_on", "accuracy")
+        if previous != select_on:
+            # The best so far was measured on another metric: select afresh on the new one.
+            run.update(best_accuracy=-1.0, bad_evals=0)
+            _say(f"train.select_on changed from {previous!r} to {select_on!r}: the best weights are "
+                 "chosen afresh from the next validation on", config.train)
+    run["select_on"] = select_on
     (workdir / "config.json").write_text(json.dumps(_config_dict(config), indent=2))
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
