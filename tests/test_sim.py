@@ -703,3 +703,14 @@ def test_real_pairs_need_identities():
     bank = pairs.make_source_bank([_worm(0, 40), _worm(1, 40)])
     with pytest.raises(ValueError, match="with_identity=True"):
         pairs.make_pair_batch(jax.random.key(0), bank, 2, SimConfig(real_pair_fraction=0.5))
+
+
+def test_chunked_copies_equal_one_vmap(monkeypatch):
+    """On CPU the copies of a batch run as a few independent vmaps: the batch is the same."""
+    bank, cfg, key = _tagged_bank(), SimConfig(), jax.random.key(11)
+    batch = functools.partial(jax.jit, static_argnames=("batch_size", "cfg"))
+    chunked = batch(pairs._pair_batch)(key, bank, batch_size=8, cfg=cfg)
+    monkeypatch.setattr(pairs, "_MAX_CHAINS", 1)
+    single = batch(pairs._pair_batch)(key, bank, batch_size=8, cfg=cfg)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -64,7 +64,7 @@ class SimConfig:
     warp_amplitude_um: float = 4.5
     # Width σ (µm) of each Gaussian bump (21 µm = 0.25 model units, the original CPD β).
     warp_length_um: float = 21.0
-    # Number of Gaussian bumps, centred on randomly chosen neurons.
+    # Number of Gaussian bumps, centred uniformly in the valid points' bounding box.
     warp_num_bumps: int = 16
     # Max |angle| (rad) of the rotation about the AP (x) axis; θ ~ U(−v, v).
     rotate_yz_max: float = 0.45 * math.pi

@@ -48,7 +48,9 @@ def normalize_color(color: np.ndarray) -> np.ndarray:
       >>> c.astype(float).round(3).tolist()
       [[0.5, 0.25, 0.25], [0.333, 0.333, 0.333]]
     """
-    return matching.normalize_color(np.maximum(np.asarray(color, np.float64), 0.0)).astype(np.float32)
+    return matching.normalize_color(np.maximum(np.asarray(color, np.float64), 0.0)).astype(
+        np.float32
+    )
 
 
 def name_identities(worms: Sequence[Worm]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -146,11 +148,13 @@ def make_source_bank(
     )
 
 
-def _jitter_color(key: Array, color: Array, cfg: SimConfig) -> Array:
-    """Multiplicative per-channel (and optional per-neuron) color jitter, rows renormalised."""
+def _jitter_color(u: Array, color: Array, cfg: SimConfig) -> Array:
+    """Multiplicative per-channel (and optional per-neuron) color jitter, rows renormalised.
+
+    u: [C (+ Q·C with per-neuron jitter)] uniforms; color: [Q, C].
+    """
     q, c = color.shape
     per_neuron = cfg.color_neuron_jitter > 0
-    u = jax.random.uniform(key, (c + (q * c if per_neuron else 0),))
     channel = 1.0 + (2.0 * u[:c] - 1.0) * cfg.color_jitter  # [C]
     out = color * channel[None, :]
     if per_neuron:
@@ -159,53 +163,88 @@ def _jitter_color(key: Array, color: Array, cfg: SimConfig) -> Array:
     return jnp.maximum(out, _COLOR_FLOOR)
 
 
+def _draw_sizes(p: int, channels: int, cfg: SimConfig) -> dict[str, int]:
+    """How many random 32-bit words each step of ``_synthesize`` takes (P slots, C channels)."""
+    r = cfg.max_outliers
+    q = p + r
+    per_neuron = channels > 0 and cfg.color_neuron_jitter > 0
+    return {
+        "warp": T.warp_draws(cfg),
+        "rotate_yz": 3,
+        "rate": 1,
+        "drop": q,
+        "outliers": T.outlier_draws(cfg),
+        "bend": T.BEND_DRAWS,
+        "scale": 3,
+        "shear_xy": 2,
+        "rotate_xy": 1,
+        "jitter": T.jitter_draws(q, cfg),
+        "shuffle": q if cfg.shuffle else 1,
+        "color": channels + (q * channels if per_neuron else 0),
+        "donors": max(r, 1) if channels > 0 else 0,
+    }
+
+
 def _synthesize(
-    key: Array,
-    xyz: Array,
-    mask: Array,
-    color: Array | None,
-    cfg: SimConfig,
-    straighten_first: bool,
+    bits: Array, pts: Array, mask: Array, color: Array | None, cfg: SimConfig
 ) -> tuple[Array, Array, Array, Array | None]:
-    """``synthesize`` with the straightening made explicit (pairs straighten once per source)."""
-    p, r = xyz.shape[0], cfg.max_outliers
+    """``synthesize`` of an already straightened (or never straightened) source given transposed,
+    pts [3, P]; returns xyz [Q, 3] as ``synthesize``. All the copy's randomness comes from bits,
+    [sum of ``_draw_sizes``] uint32 random words, sliced."""
+    p, r = pts.shape[1], cfg.max_outliers
     labels = jnp.where(mask, jnp.arange(p, dtype=jnp.int32), PADDING)  # [P]
-    # [Q, ...] with R empty slots reserved for outliers.
-    xyz = jnp.concatenate([jnp.where(mask[:, None], xyz, 0.0), jnp.zeros((r, 3), xyz.dtype)])
+    # [3, Q], ... with the R empty slots reserved for outliers (mask == (labels != PADDING)
+    # throughout). Padding first also makes XLA materialise the source (a gather from the bank)
+    # instead of recomputing it inside the [Q, K] warp.
+    pts = jnp.concatenate([jnp.where(mask[None, :], pts, 0.0), jnp.zeros((3, r), pts.dtype)], 1)
     mask = jnp.concatenate([mask, jnp.zeros((r,), bool)])
     labels = jnp.concatenate([labels, jnp.full((r,), PADDING, jnp.int32)])
     src_mask = mask
-    ks = jax.random.split(key, 13)
-    cloud = (xyz, mask, labels)
-    if straighten_first:
-        cloud = T.straighten(None, *cloud, cfg)
-    cloud = T.smooth_warp(ks[0], *cloud, cfg)
-    cloud = T.rotate_yz(ks[1], *cloud, cfg)
+    c = 0 if color is None else color.shape[1]
+    sizes = _draw_sizes(p, c, cfg)
+    u_all = T.bits_to_uniform(bits)
+    u, b, start = {}, {}, 0
+    for name, size in sizes.items():  # over draw groups (static), not points
+        u[name], b[name] = u_all[start : start + size], bits[start : start + size]
+        start += size
+    cloud = (pts, mask, labels)
+    cloud = T._smooth_warp(u["warp"], *cloud, cfg)
+    cloud = (T._apply_linear(cloud[0], T._rotate_yz_matrix(u["rotate_yz"], cfg)),) + cloud[1:]
     lo, hi = cfg.p_drop
-    rate = jax.random.uniform(ks[2], (), minval=lo, maxval=hi)  # shared by drop and outliers
-    cloud = T.drop_points(ks[3], *cloud, cfg, rate=rate)
-    cloud = T.add_outliers(ks[4], *cloud, cfg, rate=rate)
-    cloud = T.random_bend(ks[5], *cloud, cfg)
-    cloud = T.scale(ks[6], *cloud, cfg)
-    cloud = T.shear_xy(ks[7], *cloud, cfg)
-    cloud = T.rotate_xy(ks[8], *cloud, cfg)
-    cloud = T.jitter(ks[9], *cloud, cfg)
-    cloud = T.recenter(None, *cloud, cfg)
-    xyz, mask, labels = T.shuffle(ks[10], *cloud, cfg)
+    rate = lo + u["rate"][0] * (hi - lo)  # U(p_drop), shared by drop and outliers
+    cloud = T._drop_points(u["drop"], *cloud, cfg, rate)
+    if T.outlier_draws(cfg):
+        # Candidates checked against the P source slots only (the R outlier slots are empty).
+        pts, mask = cloud[0][:, :p], cloud[1][:p]
+        points, n_out = T._outlier_points(u["outliers"], pts, mask, cfg, rate)  # [3, R], []
+        if cfg.shuffle:  # Slot order is shuffled away: the reserved slots take the outliers.
+            put = jnp.arange(r) < n_out  # [R]
+            cloud = (
+                jnp.concatenate([pts, jnp.where(put[None, :], points, 0.0)], axis=1),
+                jnp.concatenate([mask, put]),
+                jnp.concatenate([cloud[2][:p], jnp.where(put, OUTLIER, PADDING)]),
+            )
+        else:  # as add_outliers: into the first empty slots
+            cloud = T._place_outliers(points, n_out, *cloud, cfg)
+    cloud = T._random_bend(u["bend"], *cloud, cfg)
+    # scale → shear_xy → rotate_xy, composed into one linear map.
+    linear = T._rotate_xy_matrix(u["rotate_xy"], cfg) @ T._shear_xy_matrix(u["shear_xy"], cfg)
+    linear = linear * T._scale_factors(u["scale"], cfg)[None, :]
+    cloud = (T._apply_linear(cloud[0], linear),) + cloud[1:]
+    cloud = T._jitter(u["jitter"], *cloud, cfg)
+    is_out = cloud[2] == OUTLIER  # [Q]
+    (xyz, mask, labels), order = T._recenter_shuffle(b["shuffle"], *cloud, cfg)  # xyz [Q, 3]
     if color is not None:
-        color = jnp.concatenate([color, jnp.zeros((r, color.shape[1]), color.dtype)])  # [Q, C]
-        c_key, o_key = ks[11], ks[12]
+        color = jnp.concatenate([color, jnp.zeros((r, c), color.dtype)])  # [Q, C]
         # Outliers borrow the color of a random source neuron (donor j for the j-th outlier slot).
-        is_out = cloud[2] == OUTLIER  # [Q]
-        donors = T.select_valid(jax.random.uniform(o_key, (max(r, 1),)), src_mask)  # [R]
+        donors = T.select_valid(u["donors"], src_mask)  # [R]
         out_rank = jnp.clip(jnp.cumsum(is_out.astype(jnp.int32)) - 1, 0, max(r, 1) - 1)  # [Q]
         color = jnp.where(is_out[:, None], color[donors[out_rank]], color)
-        color = _jitter_color(c_key, color, cfg)
-        if cfg.shuffle:
-            color = color[T.shuffle_order(ks[10], p + r)]
+        color = _jitter_color(u["color"], color, cfg)
+        if order is not None:
+            color = color[order]
         color = jnp.where(mask[:, None], color, 0.0)
     xyz = jnp.where(mask[:, None], xyz, 0.0)
-    labels = jnp.where(mask, labels, PADDING)
     return xyz, mask, labels, color
 
 
@@ -242,7 +281,10 @@ def synthesize(
       >>> xyz.shape  # Q = P + cfg.max_outliers = 32 + 20
       (52, 3)
     """
-    return _synthesize(key, xyz, mask, color, cfg, cfg.straighten_sources)
+    pts = T._straighten(xyz.T, mask, cfg) if cfg.straighten_sources else xyz.T
+    channels = 0 if color is None else color.shape[1]
+    bits = T.random_bits(key, sum(_draw_sizes(xyz.shape[0], channels, cfg).values()))
+    return _synthesize(bits, pts, mask, color, cfg)
 
 
 def template_targets(template_labels: Array, test_labels: Array, num_sources: int) -> Array:
@@ -299,57 +341,16 @@ def identity_targets(
     return jnp.where(test_labels >= 0, found, test_labels).astype(jnp.int32)
 
 
-def _one_pair(
-    key: Array,
-    xyz: Array,
-    mask: Array,
-    color: Array | None,
-    identity: Array | None,
-    other: int | Array,
-    cross: bool | Array,
-    cfg: SimConfig,
-    straighten: bool,
-    bank: tuple[Array, Array, Array | None, Array | None],
-) -> PairBatch:
-    """Two independent copies: the template of source ``xyz``, the test of bank source ``other``
-    (the same animal, or when ``cross`` another one whose names give the correspondence through
-    ``identity``), and the test → template correspondence."""
-    p = xyz.shape[0]
-    k_tmpl, k_test = jax.random.split(key)
-    b_xyz, b_mask, b_color, b_identity = bank
-    if identity is None:  # Two copies of one animal (the original's pairs): straighten it once.
-        if straighten:
-            xyz = _straighten(xyz, mask, cfg)
-        o_xyz, o_mask, o_color = xyz, mask, color
-    else:
-        o_xyz, o_mask = b_xyz[other], b_mask[other]
-        o_color = None if b_color is None else b_color[other]
-        if straighten:
-            xyz, o_xyz = _straighten(xyz, mask, cfg), _straighten(o_xyz, o_mask, cfg)
-    t_xyz, t_mask, t_lab, t_col = _synthesize(k_tmpl, xyz, mask, color, cfg, False)
-    s_xyz, s_mask, s_lab, s_col = _synthesize(k_test, o_xyz, o_mask, o_color, cfg, False)
-    target = template_targets(t_lab, s_lab, p)
-    if identity is not None:
-        across = identity_targets(t_lab, identity, s_lab, b_identity[other])
-        target = jnp.where(cross, across, target)
-    return PairBatch(
-        template_xyz=t_xyz,
-        template_mask=t_mask,
-        test_xyz=s_xyz,
-        test_mask=s_mask,
-        target=target,
-        template_color=t_col,
-        test_color=s_col,
-    )
-
-
-def _straighten(xyz: Array, mask: Array, cfg: SimConfig) -> Array:
-    return T.straighten(None, xyz, mask, jnp.zeros(mask.shape, jnp.int32), cfg)[0]
+# Copies per independent vmap in ``_pair_batch``. On 2 cores, B = 256 pairs (512 copies), median
+# ms per batch: 1 vmap of 512 copies 14.7, 2 of 256 11.7, 4 of 128 10.6, 8 of 64 11.4.
+_COPIES_PER_CHAIN = 128
+_MAX_CHAINS = 8
 
 
 def _pair_batch(key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig) -> PairBatch:
+    """``make_pair_batch``: the 2·B copies (templates, then tests) synthesized by a few vmaps."""
     src_key, pair_key, cross_key, other_key = jax.random.split(key, 4)
-    num_sources = sources.xyz.shape[0]
+    num_sources, p = sources.xyz.shape[:2]
     index = jax.random.randint(src_key, (batch_size,), 0, num_sources)  # [B]
     other, cross = index, jnp.zeros((batch_size,), bool)
     across = cfg.real_pair_fraction > 0 and sources.identity is not None and num_sources > 1
@@ -357,18 +358,59 @@ def _pair_batch(key: Array, sources: SourceBank, batch_size: int, cfg: SimConfig
         shift = jax.random.randint(other_key, (batch_size,), 1, num_sources)  # [B]
         cross = jax.random.uniform(cross_key, (batch_size,)) < cfg.real_pair_fraction
         other = jnp.where(cross, (index + shift) % num_sources, index)
-    keys = jax.random.split(pair_key, batch_size)
-    bank_xyz = sources.xyz
-    # Straighten whichever is fewer: the whole bank once, or the B chosen sources (two per pair).
+    bank_pts = jnp.swapaxes(sources.xyz, 1, 2)  # [S, 3, P]
+    straighten = jax.vmap(lambda x, m: T._straighten(x, m, cfg))
+    # Straighten whichever is fewer: the whole bank once, or the sources of the B pairs (each
+    # once: a pair of copies of one animal shares it).
     straighten_bank = cfg.straighten_sources and num_sources < batch_size * (2 if across else 1)
     if straighten_bank:
-        bank_xyz = jax.vmap(lambda x, m: _straighten(x, m, cfg))(bank_xyz, sources.mask)
+        bank_pts = straighten(bank_pts, sources.mask)
     per_pair = cfg.straighten_sources and not straighten_bank
-    color = None if sources.color is None else sources.color[index]
-    identity = sources.identity[index] if across else None
-    bank = (bank_xyz, sources.mask, sources.color, sources.identity if across else None)
-    pair = lambda k, x, m, c, i, o, cr: _one_pair(k, x, m, c, i, o, cr, cfg, per_pair, bank)
-    return jax.vmap(pair)(keys, bank_xyz[index], sources.mask[index], color, identity, other, cross)
+    src = jnp.concatenate([index, other])  # [2B] source of each copy
+    mask = sources.mask[src]  # [2B, P]
+    if per_pair and across:
+        pts = straighten(bank_pts[src], mask)
+    elif per_pair:
+        pts = jnp.tile(straighten(bank_pts[index], sources.mask[index]), (2, 1, 1))
+    else:
+        pts = bank_pts[src]  # [2B, 3, P]
+    color = None if sources.color is None else sources.color[src]
+    # [2B, D] random words of the copies (templates, then tests): one threefry call for the batch.
+    draws = sum(_draw_sizes(p, 0 if color is None else color.shape[2], cfg).values())
+    bits = T.random_bits(pair_key, 2 * batch_size * draws).reshape(2 * batch_size, draws)
+    synth = jax.vmap(lambda w, x, m, c: _synthesize(w, x, m, c, cfg))
+    # On CPU, the 2B copies as several independent vmaps of ~_COPIES_PER_CHAIN copies: XLA's CPU
+    # runtime runs independent op chains concurrently, and smaller ops keep their arrays in cache.
+    # At most _MAX_CHAINS (the program grows with each); one vmap on accelerators. Each copy's
+    # bits are its own slice of one draw, so the split does not change the batch.
+    n = 1
+    if jax.default_backend() == "cpu":
+        n = min(max(2, round(2 * batch_size / _COPIES_PER_CHAIN)), _MAX_CHAINS, 2 * batch_size)
+    cuts = [round(i * 2 * batch_size / n) for i in range(n + 1)]
+    parts = [
+        synth(bits[i:j], pts[i:j], mask[i:j], None if color is None else color[i:j])
+        for i, j in zip(cuts[:-1], cuts[1:], strict=True)  # over chunks of the batch (a few)
+    ]
+    joined = [None if a[0] is None else jnp.concatenate(a) for a in zip(*parts, strict=True)]
+    halves = [
+        [None if a is None else a[h] for a in joined]
+        for h in (slice(0, batch_size), slice(batch_size, 2 * batch_size))
+    ]
+    (t_xyz, t_mask, t_lab, t_col), (s_xyz, s_mask, s_lab, s_col) = halves
+    target = jax.vmap(lambda t, s: template_targets(t, s, p))(t_lab, s_lab)  # [B, Q]
+    if across:
+        ident = sources.identity
+        cross_targets = jax.vmap(identity_targets)(t_lab, ident[index], s_lab, ident[other])
+        target = jnp.where(cross[:, None], cross_targets, target)
+    return PairBatch(
+        template_xyz=t_xyz,  # [B, Q, 3]
+        template_mask=t_mask,
+        test_xyz=s_xyz,
+        test_mask=s_mask,
+        target=target,
+        template_color=t_col,
+        test_color=s_col,
+    )
 
 
 _pair_batch_jit = jax.jit(_pair_batch, static_argnames=("batch_size", "cfg"))
