@@ -72,9 +72,7 @@ def masked_mean(x: Array, mask: Array) -> Array:
       >>> masked_mean(x, jnp.array([True, True, False])).tolist()
       [2.0, 3.0]
     """
-    w = mask.astype(x.dtype)[:, None]  # [P, 1]
-    total = jnp.sum(jnp.where(mask[:, None], x, 0.0), axis=0)  # [D]
-    return total / jnp.maximum(jnp.sum(w), 1.0)
+    return _mean_rows(x.T, mask)
 
 
 def masked_median(x: Array, mask: Array) -> Array:
@@ -144,7 +142,8 @@ def _bounding_box(pts: Array, mask: Array) -> tuple[Array, Array]:
 
 
 def _mean_rows(pts: Array, mask: Array) -> Array:
-    """[3] mean of the valid columns of pts [3, P] (0 when none)."""
+    """``masked_mean`` on transposed points: [D] mean of the valid columns of pts [D, P] (0 when
+    none)."""
     total = jnp.sum(jnp.where(mask[None, :], pts, 0.0), axis=1)
     return total / jnp.maximum(jnp.sum(mask.astype(pts.dtype)), 1.0)
 
