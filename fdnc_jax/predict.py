@@ -12,9 +12,11 @@ top-k and thresholds run on the host (``fdnc_jax.matching``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -332,11 +334,31 @@ def _log_probs(
         fetch(*pending)
     chosen = np.zeros((len(tests),), np.int64)
     if k > 1:  # One hypothesis (no canonical pose, or "fixed"): nothing to score.
-        chosen[:] = [
-            max(range(k), key=lambda h, i=i: _orientation_score(found[i, h]))
-            for i in range(len(tests))
-        ]
+        chosen[:] = _host_map(
+            lambda i: max(range(k), key=lambda h: _orientation_score(found[i, h])),
+            range(len(tests)),
+        )
     return [found[i, h] for i, h in enumerate(chosen)], chosen
+
+
+# Host matching (Hungarian, softmax, top-k) of many volumes runs in a thread pool: scipy's assignment
+# and numpy's sorts release the GIL, so on a many-core host (a GPU machine) it is no longer one core
+# that caps predict_batch. Results do not depend on it (each volume is independent).
+HOST_THREADS = min(8, os.cpu_count() or 1)
+HOST_PARALLEL_MIN = 8  # fewer volumes: a plain loop
+
+
+@functools.cache
+def _host_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="fdnc-match")
+
+
+def _host_map(fn, items) -> list:
+    """``[fn(x) for x in items]``, in the host thread pool when there are many items."""
+    items = list(items)
+    if HOST_THREADS < 2 or len(items) < HOST_PARALLEL_MIN:
+        return [fn(x) for x in items]
+    return list(_host_pool().map(fn, items))
 
 
 def _color_kwargs(template: Worm, test: Worm, use_color: bool, color_weight: float) -> dict:
@@ -419,10 +441,13 @@ def predict_batch(
     use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
     signs = orientation_hypotheses(model, orientation)
     all_log_probs, chosen = _log_probs(model, template, tests, signs)
-    return [
-        _prediction(lp, template, t, use_color, color_weight, top_k, min_probability, signs[h])
-        for lp, t, h in zip(all_log_probs, tests, chosen, strict=True)
-    ]
+    return _host_map(
+        lambda i: _prediction(
+            all_log_probs[i], template, tests[i], use_color, color_weight, top_k,
+            min_probability, signs[chosen[i]],
+        ),
+        range(len(tests)),
+    )
 
 
 def predict(

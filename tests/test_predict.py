@@ -255,6 +255,22 @@ def test_color_problems(model):
         fd.predict(model, cloud(20, 62), template, use_color=True)
 
 
+@pytest.mark.parametrize("canonical", [False, True])  # True: orientation scoring on the host too
+def test_host_thread_pool_gives_the_same_predictions(demo, monkeypatch, canonical):
+    model = Model.create(ModelConfig(**{**TINY.__dict__, "canonical_pose": canonical}))
+    template, _ = demo
+    tests = [cloud(60 + 7 * i, 100 + i) for i in range(10)]  # ≥ HOST_PARALLEL_MIN volumes
+    monkeypatch.setattr(predict_mod, "HOST_THREADS", 1)
+    serial = fd.predict_batch(model, template, tests, use_color=False)
+    monkeypatch.setattr(predict_mod, "HOST_THREADS", 2)
+    pooled = fd.predict_batch(model, template, tests, use_color=False)
+    for a, b in zip(serial, pooled, strict=True):
+        np.testing.assert_array_equal(a.assignment, b.assignment)
+        np.testing.assert_array_equal(a.candidates, b.candidates)
+        np.testing.assert_array_equal(a.probability, b.probability)
+        np.testing.assert_array_equal(a.orientation, b.orientation)
+
+
 def test_color_input_model_skips_color_term_by_default():
     color_model = Model.create(ModelConfig(**{**TINY.__dict__, "color_features": 3}))
     rng = np.random.default_rng(3)
