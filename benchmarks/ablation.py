@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import fdnc_jax as fd
-from fdnc_jax.atlas import anatomical_handedness, build_atlas, mirror_image
+from fdnc_jax.atlas import anatomical_handedness, build_atlas, in_convention
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template, evaluate_pairs, summarize
 from fdnc_jax.metrics import name_accuracy
@@ -69,9 +69,7 @@ def main() -> None:
     val = [_unique_template(w)[0] for w in worms if lab_of(w) == args.val_lab]
     others = [w for w in worms if lab_of(w) != args.val_lab]
     atlas = build_atlas(others, ids=[w.meta["worm"] for w in others]).to_worm()
-    convention = int(np.sign(sum(anatomical_handedness(w) for w in val)))
-    if anatomical_handedness(atlas) * convention < 0:
-        atlas = mirror_image(atlas)
+    atlas = in_convention(atlas, int(np.sign(sum(anatomical_handedness(w) for w in val))))
     own_atlases = [
         build_atlas([w for w in val if w is not t], ids=[w.meta["worm"] for w in val if w is not t])
         .to_worm()

@@ -728,6 +728,33 @@ def mirror_image(worm: Worm) -> Worm:
         return worm.replace(xyz_um=worm.xyz_um * np.array([1.0, 1.0, -1.0], np.float32))
 
 
+def in_convention(worm: Worm, convention: int, handedness: int | None = None) -> Worm:
+    """``worm`` in the handedness ``convention`` (+1 / −1; 0 = unknown: unchanged): its mirror image
+    when its own handedness (``handedness``, else read by ``anatomical_handedness``) is the other.
+
+    Example:
+      >>> w = Worm(xyz_um=[[0, 0, 1], [10, 0, 2], [0, 10, 3]])
+      >>> in_convention(w, -1, handedness=+1).xyz_um[:, 2].tolist()
+      [-1.0, -2.0, -3.0]
+      >>> in_convention(w, +1, handedness=+1) is w
+      True
+    """
+    h = anatomical_handedness(worm) if handedness is None else handedness
+    return mirror_image(worm) if h and convention and h != convention else worm
+
+
+def alignable(worms: Sequence[Worm], config: AtlasConfig = AtlasConfig()) -> list[int]:
+    """Indices of the worms named well enough to be aligned into an atlas: at least
+    ``config.min_shared`` uniquely named neurons (``build_atlas`` refuses the others).
+
+    Example:
+      >>> w = Worm(xyz_um=[[0, 0, 1], [10, 0, 2], [0, 10, 3]])
+      >>> alignable([w])
+      []
+    """
+    return [i for i, w in enumerate(worms) if w.uniquely_named.sum() >= config.min_shared]
+
+
 def unify_handedness(
     worms: Sequence[Worm], config: AtlasConfig = AtlasConfig()
 ) -> tuple[list[Worm], np.ndarray]:
@@ -757,7 +784,7 @@ def unify_handedness(
       >>> int(flipped.sum())  # the two SF animals
       2
     """
-    labelled = [i for i, w in enumerate(worms) if w.uniquely_named.sum() >= config.min_shared]
+    labelled = alignable(worms, config)
     try:
         atlas = build_atlas([worms[i] for i in labelled], config)
     except ValueError as e:

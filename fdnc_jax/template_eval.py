@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fdnc_jax.atlas import AtlasConfig, anatomical_handedness, build_atlas, mirror_image
+from fdnc_jax.atlas import AtlasConfig, alignable, anatomical_handedness, build_atlas, in_convention
 from fdnc_jax.datasets import lab_of
 from fdnc_jax.evaluate import _color_problem, _unique_ids, _unique_template, _write_csv, _write_json
 from fdnc_jax.metrics import name_accuracy, uncertain_mask
@@ -212,16 +212,12 @@ def evaluate_templates(
     for lab, test_idx, train_idx, singles, voters in folds:
         convention = int(np.sign(sum(hand[i] for i in test_idx)))
         conventions[lab] = convention
-
-        def as_lab(template: Worm, h: int, convention=convention) -> Worm:
-            return mirror_image(template) if h and convention and h != convention else template
-
-        named = [i for i in train_idx if worms[i].uniquely_named.sum() >= atlas_config.min_shared]
+        named = [train_idx[i] for i in alignable([worms[j] for j in train_idx], atlas_config)]
         atlas = build_atlas(
             [worms[i] for i in named], atlas_config, ids=[ids[i] for i in named]
         ).to_worm()
         if match_handedness:
-            atlas = as_lab(atlas, anatomical_handedness(atlas))
+            atlas = in_convention(atlas, convention)
         atlas_id = f"atlas(-{lab})"
         for mode in modes:
             use_color = COLOR_MODES[mode]
@@ -274,7 +270,7 @@ def evaluate_templates(
             for j in singles:
                 if use_color and not color_ok[j]:
                     continue
-                template = as_lab(_unique_template(worms[j])[0], hand[j])
+                template = in_convention(_unique_template(worms[j])[0], convention, hand[j])
                 add(
                     "single",
                     ids[j],
@@ -282,7 +278,7 @@ def evaluate_templates(
                     predict_batch(model, template, test_worms, use_color=use_color),
                 )
             used = [j for j in voters if color_ok[j] or not use_color]
-            members = [as_lab(_unique_template(worms[j])[0], hand[j]) for j in used]
+            members = [in_convention(_unique_template(worms[j])[0], convention, hand[j]) for j in used]
             if members:
                 # What the ensemble can name: its names, less those its annotators marked uncertain
                 # (as a single template's uncertain names are not scored).
