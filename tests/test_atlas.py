@@ -282,7 +282,7 @@ def test_openworm_positions_are_anatomically_handed(shared_data):
     assert anatomical_handedness(worm) == 1
 
 
-def test_review_edge_cases(base, np_rng, tmp_path):
+def test_dark_color_unnamed_worm_and_corrupt_atlas_file(base, np_rng, tmp_path):
     from fdnc_jax.atlas import unify_handedness
     from fdnc_jax.io import WormFileError
 
