@@ -1,13 +1,18 @@
 """Inference speed: ``fdnc_jax.predict`` vs the original architecture in PyTorch (same CPU, sizes).
 
-Both sides use the paper-size model (6 layers, d 128, 8 heads, ff 2048; random weights: speed does
-not depend on them) and the same number of CPU threads (``torch.set_num_threads(n)``; XLA's CPU
-client sizes its intra-op pool to the cores this process may use, printed below).
+Both sides run the same trained network: the bundled paper-size ``"default"`` weights (6 layers,
+d 128, 8 heads, ff 2048, canonical pose) loaded into the PyTorch original architecture too
+(``torch_reference.from_fdnc``; the two agree to ~1e-4 in log-probability, printed), one
+orientation (``orientation="fixed"``: the canonical pose, computed in torch for the torch side),
+and the same number of CPU threads (``torch.set_num_threads(n)``; XLA's CPU client sizes its
+intra-op pool to the cores this process may use, printed below). Trained weights matter for the
+Hungarian step: a random network's near-uniform scores make it ~15x slower than real ones.
 
 1. Single pair, end to end: two worm files (the bundled demo pair saved as .npz, 194 neurons each)
    are loaded from disk, normalised, matched by the network, and assigned one-to-one by scipy's
-   Hungarian. JAX: exactly ``fdnc_jax.load_worm`` ×2 + ``fdnc_jax.predict(model, t, s)``. Torch:
-   the same loading and normalisation (``fdnc_jax.worm.to_model_units``), the forward in
+   Hungarian. JAX: exactly ``fdnc_jax.load_worm`` ×2 + ``fdnc_jax.predict(model, t, s,
+   orientation="fixed")``. Torch: the same loading and normalisation
+   (``fdnc_jax.worm.to_model_units``), canonical pose and the forward in
    ``torch.inference_mode()`` on the unpadded clouds, then the same host matching
    (``fdnc_jax.matching.match``: Hungarian, softmax, top-5). Position only (no color term) on both
    sides. The two are timed in alternating blocks, so background load hits both alike; the median
@@ -16,13 +21,15 @@ client sizes its intra-op pool to the cores this process may use, printed below)
    ``predict_batch`` (forward + host matching of every volume), the raw jitted forward alone, and
    the torch forward alone.
 
-Notes from profiling on a 2-core AVX-512 Xeon (shared with other jobs):
-- The paper-size forward of ~400 tokens is ~3.2 GFLOP; both frameworks are compute-bound and run
-  it in ~40–60 ms, so no CPU implementation of the same fp32 model is 3x faster than torch here.
-- In the JAX forward at 224 + 224 tokens, attention (masked softmax over [8, 448, 448] per layer)
-  takes ~65 %, the 2048-wide feed-forward ~35 %; JAX pads 194 neurons to the 224 bucket (+15 %
+Notes from profiling on this project's 2-core AVX-512/AMX Xeon:
+- The paper-size forward of ~400 tokens is ~3 GFLOP; float32 on both sides. The attention's masked
+  softmax over [8, L, L] per layer is memory-bound (each pass over 5 MB of weights costs ~0.3 ms):
+  JAX computes it head by head on CPU (``fdnc_jax.model.layers.head_by_head_attention``, -20 %);
+  the 2048-wide feed-forward is compute-bound. JAX pads 194 neurons to the 208 bucket (+7 %
   tokens) where torch runs the exact size.
-- One jitted call of 16+ paper-size volumes is 2–3x slower per volume than batch 1 on CPU (tens of
+- ``Model.with_matmul_dtype("bfloat16")`` (AMX bfloat16 products, float32 accumulation) is timed
+  as an extra row; the contract line is the float32 default.
+- One jitted call of 16+ paper-size volumes is slower per volume than batch 1 on CPU (tens of
   MB of activations page-faulted on every call); ``predict_batch`` therefore runs small chunks on
   CPU (``fdnc_jax.predict.CPU_CHUNK_BYTES``).
 
@@ -34,7 +41,6 @@ The last line is ``predict single_pair_ms=<float> torch_ms=<float> speedup=<floa
 from __future__ import annotations
 
 import importlib
-import importlib.resources
 import os
 import platform
 import statistics
@@ -54,11 +60,10 @@ import torch  # noqa: E402
 
 import fdnc_jax as fd  # noqa: E402
 from fdnc_jax import matching  # noqa: E402
-from fdnc_jax.model.fdnc import ModelConfig  # noqa: E402
 from fdnc_jax.worm import to_model_units  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_reference import NITRegistration, count_params  # noqa: E402
+from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
 
 predict_mod = importlib.import_module("fdnc_jax.predict")  # The module; fd.predict is a function.
 
@@ -117,8 +122,9 @@ def torch_sync() -> None:
 
 
 def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model units, canonical pose (unpadded, equal sizes) → ([B, P, 3], [B, P] mask)."""
     xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms])).to(TORCH_DEVICE)
-    return xyz, torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
+    return canonical_pose(xyz), torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
 
 
 def main() -> None:
@@ -131,12 +137,12 @@ def main() -> None:
           f"cores; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"jax {jax.__version__}, torch {torch.__version__}, load average {os.getloadavg()}")
 
-    model = fd.Model.create(ModelConfig())
-    net = NITRegistration().eval().to(TORCH_DEVICE)
-    print(f"torch device: {TORCH_DEVICE}")
-    total, used = count_params(net)
-    print(f"params: ours {model.num_params:,}; torch {total:,} with the original's prototype layer "
-          f"(paper 4.15 M), {used:,} in its forward")
+    model = fd.load_pretrained("default")
+    net = from_fdnc(model).to(TORCH_DEVICE)
+    print(f"torch device: {TORCH_DEVICE}; model {model.config}")
+    total, _ = count_params(net)
+    print(f"params: ours {model.num_params:,}; torch {total:,} in its forward (the original also "
+          "registered an unused prototype layer: the paper's 4.15 M)")
 
     # ------------------------------------------------------------------ 1. single pair, end to end
     template, test = fd.load_demo_pair()
@@ -147,7 +153,13 @@ def main() -> None:
 
         def jax_pair():
             t, s = fd.load_worm(t_path), fd.load_worm(s_path)
-            return fd.predict(model, t, s, use_color=False)
+            return fd.predict(model, t, s, use_color=False, orientation="fixed")
+
+        model_bf16 = model.with_matmul_dtype("bfloat16")
+
+        def jax_pair_bf16():
+            t, s = fd.load_worm(t_path), fd.load_worm(s_path)
+            return fd.predict(model_bf16, t, s, use_color=False, orientation="fixed")
 
         def torch_pair():
             t, s = fd.load_worm(t_path), fd.load_worm(s_path)
@@ -159,17 +171,24 @@ def main() -> None:
 
         for _ in range(WARMUP):
             jax_pair()
+            jax_pair_bf16()
             torch_pair()
-        jax_ms, torch_ms = [], []
-        for _ in range(BLOCKS):  # Alternating blocks: drifting background load hits both alike.
-            for fn, out in ((jax_pair, jax_ms), (torch_pair, torch_ms)):
+        jax_ms, bf16_ms, torch_ms = [], [], []
+        for _ in range(BLOCKS):  # Alternating blocks: drifting background load hits all alike.
+            for fn, out in ((jax_pair, jax_ms), (jax_pair_bf16, bf16_ms), (torch_pair, torch_ms)):
                 fn()  # The other runtime's threads were busy last; let this one's pool wake.
                 out.extend(timed(fn) * 1e3 for _ in range(ROUNDS // BLOCKS))
 
-        # Where the JAX time goes (same pair, medians of ROUNDS).
+        # Where the JAX time goes (same pair, medians of ROUNDS); agreement with torch.
         t, s = fd.load_worm(t_path), fd.load_worm(s_path)
-        signs = predict_mod.orientation_hypotheses(model, "auto")  # [1, 3] for this raw-frame model
+        signs = predict_mod.orientation_hypotheses(model, "fixed")  # [1, 3]: the canonical pose
         lp = predict_mod._log_probs(model, t, [s], signs)[0][0]
+        t_xyz, t_mask = torch_inputs([t])
+        s_xyz, s_mask = torch_inputs([s])
+        with torch.inference_mode():
+            lp_torch = net(t_xyz, t_mask, s_xyz, s_mask)[0].cpu().numpy()
+        agreement = (np.abs(lp - lp_torch).max(),
+                     np.mean(matching.match(lp).assignment == matching.match(lp_torch).assignment))
         parts = {
             "load_worm x2": lambda: (fd.load_worm(t_path), fd.load_worm(s_path)),
             "pad + forward + fetch": lambda: predict_mod._log_probs(model, t, [s], signs),
@@ -177,31 +196,28 @@ def main() -> None:
         }
         breakdown = {k: statistics.median(timed(f) * 1e3 for _ in range(ROUNDS // 2))
                      for k, f in parts.items()}
-
-        pretrained = None  # (model, median ms) of the bundled weights, when shipped.
-        if (importlib.resources.files("fdnc_jax") / "data" / "fdnc_position.npz").is_file():
-            small = fd.load_pretrained()
-            run_small = lambda: fd.predict(small, fd.load_worm(t_path), fd.load_worm(s_path))
-            for _ in range(WARMUP):
-                run_small()
-            pretrained = small, statistics.median(timed(run_small) * 1e3 for _ in range(ROUNDS))
+        # What a user gets by default: the 4-way orientation search (4 forwards in one call).
+        auto = lambda: fd.predict(model, fd.load_worm(t_path), fd.load_worm(s_path))
+        for _ in range(WARMUP):
+            auto()
+        auto_ms = statistics.median(timed(auto) * 1e3 for _ in range(ROUNDS))
 
     jax_med, torch_med = statistics.median(jax_ms), statistics.median(torch_ms)
+    bf16_med = statistics.median(bf16_ms)
     print(f"\nsingle pair end to end ({template.n} + {test.n} neurons, buckets "
           f"{predict_mod.bucket_size(template.n)}/{predict_mod.bucket_size(test.n)} for JAX; "
           f"median of {ROUNDS}, alternating blocks)")
     print("  jax breakdown: " + ", ".join(f"{k} {v:.1f} ms" for k, v in breakdown.items()))
-    if pretrained is not None:
-        print(f"  load_pretrained() model {pretrained[0].config}: end to end (color auto) "
-              f"{pretrained[1]:.1f} ms")
-    else:
-        print("  (no bundled fdnc_jax/data/fdnc_position.npz: load_pretrained() not timed)")
+    print(f"  jax vs torch log-probs: max |difference| {agreement[0]:.1e}, same assignment for "
+          f"{agreement[1]:.1%} of test neurons")
+    print(f"  fd.predict with the default 4-way orientation search: {auto_ms:.1f} ms end to end")
 
     # ------------------------------------------------------------------ 2. batched throughput
     b_template = synthetic(BATCH_NEURONS, 0)
     batches = GPU_BATCHES if ON_GPU else BATCHES
     worms = [synthetic(BATCH_NEURONS, 1 + i) for i in range(max(batches))]
     forward = predict_mod._compiled_forward(model)
+    forward_bf16 = predict_mod._compiled_forward(model_bf16)
     size = predict_mod.bucket_size(BATCH_NEURONS)
     t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, 0)
     rows = []
@@ -218,27 +234,32 @@ def main() -> None:
             torch_sync()
 
         pb = throughput(lambda tests=tests: fd.predict_batch(
-            model, b_template, tests, use_color=False), b)
+            model, b_template, tests, use_color=False, orientation="fixed"), b)
         s_signs = np.ones((b, 3), np.float32)  # The one (identity) orientation hypothesis.
         raw = throughput(lambda s_xyz=s_xyz, s_mask=s_mask, s_signs=s_signs: forward(
             model.params, t_xyz, t_mask, s_xyz, s_mask, None, None, s_signs).block_until_ready(), b)
+        raw_bf16 = throughput(lambda s_xyz=s_xyz, s_mask=s_mask, s_signs=s_signs: forward_bf16(
+            model.params, t_xyz, t_mask, s_xyz, s_mask, None, None, s_signs).block_until_ready(), b)
         tf = throughput(torch_forward, b)
-        rows.append((b, pb, raw, tf))
+        rows.append((b, pb, raw, raw_bf16, tf))
 
     chunk = predict_mod._max_chunk(model, size, size)
     print(f"\nthroughput, volumes/s ({BATCH_NEURONS}-neuron clouds, JAX padded to bucket {size}; "
           f"predict_batch runs chunks of ≤ {chunk} volumes here, 'jax forward' and 'torch forward' "
           "one call of the whole batch)")
-    print(f"{'batch':>6} {'predict_batch':>14} {'jax forward':>12} {'torch forward':>14} "
-          f"{'fwd ratio':>10} {'e2e ratio':>10}")
-    for b, pb, raw, tf in rows:
-        print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {tf:>14.1f} {raw / tf:>9.2f}x {pb / tf:>9.2f}x")
+    print(f"{'batch':>6} {'predict_batch':>14} {'jax forward':>12} {'bf16 forward':>13} "
+          f"{'torch forward':>14} {'fwd ratio':>10} {'e2e ratio':>10}")
+    for b, pb, raw, raw_bf16, tf in rows:
+        print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {raw_bf16:>13.1f} {tf:>14.1f} {raw / tf:>9.2f}x "
+              f"{pb / tf:>9.2f}x")
 
     print(f"\n{'single pair (ms)':<26} {'jax':>8} {'torch':>8} {'speedup':>8}")
     print(f"{'end to end, median':<26} {jax_med:>8.2f} {torch_med:>8.2f} "
           f"{torch_med / jax_med:>7.2f}x")
     print(f"{'end to end, min':<26} {min(jax_ms):>8.2f} {min(torch_ms):>8.2f} "
           f"{min(torch_ms) / min(jax_ms):>7.2f}x")
+    print(f"{'bfloat16 matmuls, median':<26} {bf16_med:>8.2f} {torch_med:>8.2f} "
+          f"{torch_med / bf16_med:>7.2f}x  (Model.with_matmul_dtype('bfloat16'); torch float32)")
     print(f"load average at the end {os.getloadavg()}")
     print(f"predict single_pair_ms={jax_med:.3f} torch_ms={torch_med:.3f} "
           f"speedup={torch_med / jax_med:.3f}")

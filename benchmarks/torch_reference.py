@@ -16,11 +16,16 @@ the ``TransformerEncoder`` that deep-copies it 6 times, so its parameter count (
 "4.15 M") includes a 7th, unused layer. The forward pass uses ≈ 3.56 M. ``count_params`` returns
 both.
 
+``from_fdnc(model)`` loads the parameters of a ``fdnc_jax`` Model of the same sizes (trained
+weights, e.g. ``fdnc_jax.load_pretrained()``), so both implementations compute the same function;
+``canonical_pose`` is ``fdnc_jax.pose.canonical_pose`` in torch, for canonical-pose models.
+
 Run ``python benchmarks/torch_reference.py`` to print the two counts.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +55,7 @@ class NITRegistration(nn.Module):
         ff_width: int = 2048,
         dropout: float = 0.1,
         keep_prototype: bool = True,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.point_f = nn.Conv1d(input_dim, width, kernel_size=1)
@@ -62,6 +68,7 @@ class NITRegistration(nn.Module):
             activation="relu",
             batch_first=False,
             norm_first=False,
+            layer_norm_eps=layer_norm_eps,
         )
         self.enc = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
         if keep_prototype:
@@ -101,6 +108,81 @@ class NITRegistration(nn.Module):
         return torch.log_softmax(torch.cat([scores, outlier], dim=2), dim=2)
 
 
+def canonical_pose(xyz: torch.Tensor) -> torch.Tensor:
+    """``fdnc_jax.pose.canonical_pose`` of unpadded clouds: [..., P, 3] → [..., P, 3] (principal
+    axes, largest spread first, signs by skewness, proper rotation; centred on the mean)."""
+    centred = xyz - xyz.mean(dim=-2, keepdim=True)
+    cov = centred.mT @ centred / xyz.shape[-2]
+    _, vecs = torch.linalg.eigh(cov)
+    axes = vecs.flip(-1)  # Largest variance first.
+    skew = ((centred @ axes) ** 3).sum(dim=-2)  # [..., 3]
+    sign = torch.where(skew[..., :2] >= 0, 1.0, -1.0)
+    third = torch.linalg.det(axes) * sign[..., 0] * sign[..., 1]
+    return centred @ (axes * torch.cat([sign, third[..., None]], dim=-1)[..., None, :])
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def from_fdnc(model) -> NITRegistration:
+    """A NITRegistration (eval mode) holding the parameters of a ``fdnc_jax`` Model.
+
+    Maps ``Linear(3 → D)`` of 4 × positions to the Conv1d (BatchNorm left as identity), the
+    [D, H, Dh] query/key/value kernels to ``in_proj_weight`` (heads are contiguous Dh-blocks in
+    both), and uses the Flax LayerNorm epsilon (1e-6). Position-only models.
+    """
+    from flax import nnx
+
+    cfg = model.config
+    if cfg.color_features:
+        raise ValueError("from_fdnc: position-only models (the original architecture)")
+    p = nnx.to_pure_dict(model.params)
+    net = NITRegistration(
+        width=cfg.width,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        ff_width=cfg.ff_width,
+        dropout=0.0,
+        keep_prototype=False,
+        layer_norm_eps=1e-6,
+    ).eval()
+    d = cfg.width
+    scale = model.module().embed.position_scale
+    with torch.no_grad():
+        net.point_f.weight.copy_(
+            _t(np.asarray(p["embed"]["linear"]["kernel"]).T[:, :, None] * scale)
+        )
+        net.point_f.bias.copy_(_t(p["embed"]["linear"]["bias"]))
+        net.bn.running_var.fill_(1.0 - net.bn.eps)  # BatchNorm = identity.
+        for i, layer in enumerate(net.enc.layers):
+            b = p["blocks"][i]
+            a = b["attention"]
+            w = [np.asarray(a[k]["kernel"]).reshape(d, d).T for k in ("query", "key", "value")]
+            layer.self_attn.in_proj_weight.copy_(_t(np.concatenate(w, axis=0)))
+            layer.self_attn.in_proj_bias.copy_(
+                _t(
+                    np.concatenate(
+                        [np.asarray(a[k]["bias"]).reshape(d) for k in ("query", "key", "value")]
+                    )
+                )
+            )
+            layer.self_attn.out_proj.weight.copy_(
+                _t(np.asarray(a["out"]["kernel"]).reshape(d, d).T)
+            )
+            layer.self_attn.out_proj.bias.copy_(_t(a["out"]["bias"]))
+            layer.linear1.weight.copy_(_t(np.asarray(b["ff_in"]["kernel"]).T))
+            layer.linear1.bias.copy_(_t(b["ff_in"]["bias"]))
+            layer.linear2.weight.copy_(_t(np.asarray(b["ff_out"]["kernel"]).T))
+            layer.linear2.bias.copy_(_t(b["ff_out"]["bias"]))
+            for norm, ours in ((layer.norm1, b["norm_attention"]), (layer.norm2, b["norm_ff"])):
+                norm.weight.copy_(_t(ours["scale"]))
+                norm.bias.copy_(_t(ours["bias"]))
+        net.fc_outlier.weight.copy_(_t(np.asarray(p["outlier"]["kernel"]).T))
+        net.fc_outlier.bias.copy_(_t(p["outlier"]["bias"]))
+    return net
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(all registered parameters as the original counted them, parameters used in the forward)."""
     total = sum(p.numel() for p in model.parameters())
@@ -111,5 +193,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 if __name__ == "__main__":
     total, forward = count_params(NITRegistration())
-    print(f"NIT_Registration parameters: {total:,} with the prototype layer (paper: 4.15 M), "
-          f"{forward:,} in the forward pass")
+    print(
+        f"NIT_Registration parameters: {total:,} with the prototype layer (paper: 4.15 M), "
+        f"{forward:,} in the forward pass"
+    )

@@ -28,8 +28,15 @@ def test_help_lists_flags():
     assert out.returncode in (0, 1), out.stderr  # absl's --help exits with 1 after printing usage.
     assert "Traceback" not in out.stderr
     for flag in (
-        "--template", "--test", "--use_color", "--top_k", "--min_probability", "--out",
-        "--checkpoint", "--demo",
+        "--template",
+        "--test",
+        "--use_color",
+        "--top_k",
+        "--min_probability",
+        "--out",
+        "--checkpoint",
+        "--demo",
+        "--matmul_dtype",
     ):
         assert flag in out.stdout, f"{flag} missing from --help"
 
@@ -52,5 +59,10 @@ def test_demo_runs():
     assert out.returncode == 0, out.stderr
     assert "model: bundled weights 'color'" in out.stdout
     assert "accuracy" in out.stdout
+    correct = int(out.stdout.split("accuracy ")[1].split("/")[0])
+    fast = run_predict("--demo", "--matmul_dtype=bfloat16")
+    assert fast.returncode == 0, fast.stderr
+    # bfloat16 products move single names (on 90 real pairs: mean |change| 0.6 points, max 5).
+    assert abs(int(fast.stdout.split("accuracy ")[1].split("/")[0]) - correct) <= 15
     out = run_predict("--demo", "--weights=nope")
     assert out.returncode == 2 and "no bundled weights named 'nope'" in out.stderr

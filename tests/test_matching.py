@@ -386,3 +386,18 @@ def test_color_term_reads_rgb_only_so_rgbw_matches_rgb():
     np.testing.assert_allclose(
         mt.color_log_likelihood(rgb_t, with_w), mt.color_log_likelihood(rgb_t, rgb_q)
     )
+
+
+def test_top_k_indices_equals_stable_argsort_with_ties():
+    from fdnc_jax.matching import top_k_indices
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        m, n = rng.integers(1, 20), rng.integers(1, 30)
+        key = rng.integers(0, 4, size=(m, n)).astype(float)  # Many ties.
+        key[rng.random((m, n)) < 0.1] = np.inf
+        key[rng.random((m, n)) < 0.05] = -np.inf
+        key[:, rng.random(n) < 0.2] = np.nan  # Invalid template columns.
+        k = int(rng.integers(1, n + 1))
+        want = np.argsort(key, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(top_k_indices(key, k), want)

@@ -107,3 +107,45 @@ def test_model_bundle_round_trip():
     model = Model.create(TINY, seed=1)
     assert model.num_params == count_params(model.module())
     assert not model.uses_color
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_head_by_head_attention_equals_dot_product_attention(rng, batch):
+    from fdnc_jax.model.layers import head_by_head_attention, key_padding_mask
+
+    q, k, v = (jax.random.normal(key, (*batch, 9, 4, 8)) * 2 for key in jax.random.split(rng, 3))
+    valid = jnp.arange(9) < 6  # The last 3 tokens are padding: masked as keys...
+    valid = jnp.broadcast_to(valid, (*batch, 9))
+    mask = key_padding_mask(valid.reshape(-1, 9)).reshape(*batch, 1, 1, 9)
+    want = nnx.dot_product_attention(q, k, v, mask=mask, deterministic=True)
+    got = head_by_head_attention(q, k, v, mask=mask, deterministic=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # ...and rows of padded queries.
+    no_mask = head_by_head_attention(q, k, v, deterministic=True)
+    np.testing.assert_allclose(no_mask, nnx.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    # With a full [.., 1, L, L] mask (e.g. causal-like patterns) too.
+    full = jnp.tril(jnp.ones((9, 9), bool))[None]
+    np.testing.assert_allclose(
+        head_by_head_attention(q, k, v, mask=full, deterministic=True),
+        nnx.dot_product_attention(q, k, v, mask=full, deterministic=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_matmul_dtype_bfloat16_is_close_and_reversible(rng):
+    model = Model.create(ModelConfig(width=32, layers=2, heads=4, ff_width=64, dropout=0.0))
+    inputs = _inputs(rng, b=1, n=40, m=36)
+    f32 = model.module()(*inputs)
+    fast = model.with_matmul_dtype("bfloat16")
+    assert fast.matmul_dtype == "bfloat16" and model.matmul_dtype == "float32"
+    assert "bfloat16" in repr(fast)
+    bf16 = fast.module()(*inputs)
+    diff = np.abs(np.exp(np.asarray(bf16)) - np.exp(np.asarray(f32)))  # In probability.
+    assert 0 < diff.max() < 0.05  # Really computed differently, and close.
+    assert np.mean(np.argmax(bf16, -1) == np.argmax(f32, -1)) > 0.95
+    back = fast.with_matmul_dtype("float32").module()(*inputs)
+    np.testing.assert_array_equal(back, f32)
+    # Only the encoder blocks changed: the same parameters.
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), fast.params, model.params))
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        model.with_matmul_dtype("float16")
