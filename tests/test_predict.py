@@ -138,8 +138,9 @@ def test_cpu_chunk_limit():
     paper = types.SimpleNamespace(config=ModelConfig())
     small = types.SimpleNamespace(config=ModelConfig(width=64, layers=4, heads=4, ff_width=256))
     if jax.default_backend() == "cpu":
-        assert predict_mod._max_chunk(paper, 224, 224) == 1
-        assert predict_mod._max_chunk(small, 160, 160) == 4
+        assert predict_mod._max_chunk(paper, 224, 224) == 4
+        assert predict_mod._max_chunk(paper, 512, 512) == 1
+        assert predict_mod._max_chunk(small, 160, 160) == 16
     else:
         assert predict_mod._max_chunk(paper, 224, 224) == predict_mod.BATCH_CHUNK
     assert predict_mod._chunk_size(3, 32) == 4
