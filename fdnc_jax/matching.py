@@ -23,6 +23,7 @@ C color channels. Template index ``-1`` means "no label" everywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ __all__ = [
     "hungarian_accuracy_batch",
     "hungarian_assignment_batch",
     "match",
+    "match_batch_device",
     "match_scores",
     "normalize_color",
 ]
@@ -510,6 +512,111 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
     """
     scores, valid = _check_batch(scores, valid)
     return _assign_batch(scores, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "score_network"))
+def _match_batch_device(
+    log_probs,
+    template_mask,
+    test_mask,
+    template_color,
+    test_color,
+    color_weight,
+    *,
+    top_k,
+    score_network,
+):
+    n = log_probs.shape[-1] - 1
+    pair_ok = template_mask[:, None, :] & test_mask[:, :, None]  # [B, M, N]
+    network = jnp.where(pair_ok, log_probs[..., :n], -jnp.inf)  # [B, M, N]
+    scores = network
+    if template_color is not None:
+        # color_log_likelihood on normalised colors: y·log(x) − y·log(y).
+        log_x = jnp.log(template_color)  # [B, N, 3]
+        y = test_color  # [B, M, 3]
+        color = jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
+        scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
+    assignment = jax.vmap(_assign_one)(scores, test_mask)  # [B, M]
+    has = assignment >= 0
+    row_ok = jnp.any(pair_ok, axis=-1, keepdims=True)  # [B, M, 1]
+    probs = jnp.where(row_ok, jax.nn.softmax(jnp.where(row_ok, scores, 0.0), axis=-1), 0.0)
+    take = lambda table, idx: jnp.take_along_axis(table, idx, axis=-1)
+    probability = jnp.where(has, take(probs, jnp.maximum(assignment, 0)[..., None])[..., 0], 0.0)
+    masked = jnp.where(template_mask[:, None, :], scores, -jnp.inf)
+    _, candidates = jax.lax.top_k(masked, top_k)  # [B, M, K]; ties: lower index first
+    candidate_probs = jnp.where(test_mask[..., None], take(probs, candidates), 0.0)
+    candidates = jnp.where(test_mask[..., None], candidates, NO_LABEL)
+    outlier = jnp.where(test_mask, jnp.exp(log_probs[..., n]), 0.0)
+    out = {
+        "assignment": assignment,
+        "probability": probability,
+        "candidates": candidates,
+        "candidate_probs": candidate_probs,
+        "outlier_probability": outlier,
+    }
+    if score_network:  # Mean log-prob of the network-only one-to-one assignment.
+        net_assign = (
+            assignment if template_color is None else jax.vmap(_assign_one)(network, test_mask)
+        )
+        net_has = net_assign >= 0
+        picked = take(network, jnp.maximum(net_assign, 0)[..., None])[..., 0]
+        total = jnp.sum(jnp.where(net_has, picked, 0.0), axis=-1)
+        out["network_score"] = total / jnp.maximum(jnp.sum(net_has, axis=-1), 1)
+    return out
+
+
+def match_batch_device(
+    log_probs: ArrayLike,
+    template_mask: ArrayLike,
+    test_mask: ArrayLike,
+    *,
+    template_color: ArrayLike | None = None,
+    test_color: ArrayLike | None = None,
+    color_weight: float = DEFAULT_COLOR_WEIGHT,
+    top_k: int = 5,
+    score_network: bool = False,
+) -> dict[str, jax.Array]:
+    """:func:`match` for a padded batch, entirely on the device (jit; ``optax`` Hungarian).
+
+    For accelerators, where a host loop of scipy assignments would cap throughput: only the
+    compact results ([B, M] and [B, M, K]) travel back. On a CPU :func:`match` is faster.
+    Differences from :func:`match`: float32 (the host works in float64), so near-ties may resolve
+    differently; ``min_probability`` is applied by the caller.
+
+    Args:
+      log_probs: [B, M, N+1] network log-probabilities (padded; last column = outlier).
+      template_mask: [B, N] bool, real template neurons.
+      test_mask: [B, M] bool, real test neurons.
+      template_color: optional [B, N, 3] *normalised* colors (:func:`normalize_color`).
+      test_color: optional [B, M, 3] normalised colors (give both or neither).
+      color_weight: weight of the color term.
+      top_k: K candidates per test neuron (≤ real template neurons).
+      score_network: also return ``network_score`` [B]: the mean network log-prob of the one-to-one
+        assignment of the network scores alone (the orientation criterion of ``predict``).
+
+    Returns:
+      dict of device arrays: ``assignment`` [B, M] int32 (−1: none), ``probability`` [B, M],
+      ``candidates`` [B, M, K] int32, ``candidate_probs`` [B, M, K], ``outlier_probability``
+      [B, M] (and ``network_score`` [B]); padded test rows get −1 / 0.
+
+    Example:
+      >>> lp = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]]))
+      >>> out = match_batch_device(lp, jnp.ones((1, 2), bool), jnp.ones((1, 2), bool), top_k=1)
+      >>> out["assignment"].tolist(), out["candidates"][..., 0].tolist()
+      ([[0, 1]], [[0, 0]])
+    """
+    if (template_color is None) != (test_color is None):
+        raise ValueError("give both template_color and test_color or none")
+    return _match_batch_device(
+        jnp.asarray(log_probs, jnp.float32),
+        jnp.asarray(template_mask, bool),
+        jnp.asarray(test_mask, bool),
+        None if template_color is None else jnp.asarray(template_color, jnp.float32),
+        None if test_color is None else jnp.asarray(test_color, jnp.float32),
+        jnp.float32(color_weight),
+        top_k=int(top_k),
+        score_network=bool(score_network),
+    )
 
 
 def hungarian_accuracy_batch(scores: ArrayLike, targets: ArrayLike, valid: ArrayLike) -> jax.Array:

@@ -365,3 +365,32 @@ def test_orientation_score_prefers_a_one_to_one_explanation():
     diagonal = np.concatenate([np.full((3, 3), -5.0) + np.eye(3) * 4.5, outlier], axis=1)
     assert P._orientation_score(diagonal) > P._orientation_score(piled)
     assert P._orientation_score(diagonal) == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("use_color", [False, True])
+def test_device_matching_agrees_with_host(demo, use_color):
+    model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
+    template, test = demo
+    rng = np.random.default_rng(0)
+    tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
+    kwargs = dict(use_color=use_color, top_k=3, min_probability=0.3)
+    host = fd.predict_batch(model, template, tests, match_on="host", **kwargs)
+    device = fd.predict_batch(model, template, tests, match_on="device", **kwargs)
+    for h, d in zip(host, device, strict=True):
+        np.testing.assert_array_equal(d.orientation, h.orientation)
+        same = d.assignment == h.assignment
+        assert same.mean() > 0.97, same.mean()  # float32 vs float64: near-ties may differ.
+        close(d.probability[same], h.probability[same], atol=1e-4)
+        assert (d.candidates[:, 0] == h.candidates[:, 0]).mean() > 0.97
+        close(d.outlier_probability, h.outlier_probability, atol=1e-5)
+        np.testing.assert_array_equal(d.labels[same], h.labels[same])
+        assert ((d.assignment >= 0) <= (d.probability >= 0.3)).all()  # min_probability applied
+        assert d.candidates.dtype == h.candidates.dtype == np.int64
+
+
+def test_match_on_is_validated(model, demo):
+    template, test = demo
+    with pytest.raises(ValueError, match="match_on"):
+        fd.predict(model, template, test, match_on="gpu")
+    with pytest.raises(ValueError, match="color_weight"):
+        fd.predict(model, template, test, use_color=True, color_weight=-1.0, match_on="device")
