@@ -427,8 +427,9 @@ def _observations(
                     warnings.simplefilter("ignore")  # Clipping is reported when the worm is used.
                     c = w.color_for_matching(f"worm {ids[i]!r}")
             except ValueError as e:  # Positions are still usable: the worm adds no color.
-                warnings.warn(f"atlas: color of {e}; its positions are used, its color is not",
-                              stacklevel=3)
+                warnings.warn(
+                    f"atlas: color of {e}; its positions are used, its color is not", stacklevel=3
+                )
                 continue
             color[i, k] = normalize_color(c[j])
     return names, pos, np.isfinite(pos[..., 0]), color
@@ -692,8 +693,10 @@ def anatomical_handedness(worm: Worm) -> int:
       (-1, 1)
     """
     named = worm.uniquely_named
-    pos = {n: worm.xyz_um[i].astype(np.float64) for i, n in zip(np.flatnonzero(named),
-                                                                 worm.names[named], strict=True)}
+    pos = {
+        n: worm.xyz_um[i].astype(np.float64)
+        for i, n in zip(np.flatnonzero(named), worm.names[named], strict=True)
+    }
     left = [pos[n] - pos[n[:-1] + "R"] for n in pos if n.endswith("L") and n[:-1] + "R" in pos]
     dorsal = []
     for n in pos:

@@ -406,8 +406,6 @@ def load_pretrained(name: str = "default") -> Model:
             for f in (importlib.resources.files("fdnc_jax") / "data").iterdir()
             if f.name.startswith("fdnc_") and f.name.endswith(".npz")
         )
-        raise ValueError(
-            f"no bundled weights named {name!r}; available: {[*aliases, *available]}"
-        )
+        raise ValueError(f"no bundled weights named {name!r}; available: {[*aliases, *available]}")
     with importlib.resources.as_file(res) as p:
         return load_weights(p)

@@ -67,9 +67,7 @@ __all__ = [
     "write_outputs",
 ]
 
-METHODS: tuple[str, ...] = (
-    "fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror", "cpd", "none"
-)
+METHODS: tuple[str, ...] = ("fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror", "cpd", "none")
 # Methods with probabilities and top-k candidates. "+mirror": the test may also be matched as a
 # mirror image (predict orientation="auto+mirror"), for data whose handedness is unknown.
 FDNC_METHODS = ("fdnc", "fdnc+color", "fdnc+mirror", "fdnc+color+mirror")
@@ -148,8 +146,13 @@ class EvalResult:
         for method in self.methods:
             for name, (c, n) in sorted(self.neuron_hits.get(method, {}).items()):
                 rows.append(
-                    {"method": method, "name": name, "correct": c, "counted": n,
-                     "accuracy": c / n if n else math.nan}
+                    {
+                        "method": method,
+                        "name": name,
+                        "correct": c,
+                        "counted": n,
+                        "accuracy": c / n if n else math.nan,
+                    }
                 )
         return rows
 
@@ -267,8 +270,13 @@ def calibration_bins(
         if n:
             ece += n / conf.size * abs(ma - mc)
         bins.append(
-            {"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n,
-             "confidence": mc, "accuracy": ma}
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "count": n,
+                "confidence": mc,
+                "accuracy": ma,
+            }
         )
     return {"bins": bins, "ece": float(ece) if conf.size else math.nan, "n": int(conf.size)}
 
@@ -405,8 +413,11 @@ def _fdnc_group(
 
     def to_match(pred: Prediction, seconds: float) -> _Match:
         return _Match(
-            assignment=pred.assignment, seconds=seconds, probability=pred.probability,
-            candidates=pred.candidates, prediction=pred,
+            assignment=pred.assignment,
+            seconds=seconds,
+            probability=pred.probability,
+            candidates=pred.candidates,
+            prediction=pred,
         )
 
     try:
@@ -434,7 +445,10 @@ def _run_method(
         if model is None:
             raise ValueError(f"method {method!r} needs a model")
         return _fdnc_group(
-            model, template, tests, use_color="+color" in method,
+            model,
+            template,
+            tests,
+            use_color="+color" in method,
             orientation="auto+mirror" if method.endswith("+mirror") else "auto",
         )
     out: list[_Match | str] = []
@@ -491,9 +505,7 @@ def _score(
         ok = truth >= 0
         hit = ok & (assign == truth)
         correct, counted = int(hit.sum()), int(ok.sum())
-        keys = [
-            (template.names[t] or f"#{t}") if t >= 0 else "" for t in truth.tolist()
-        ]
+        keys = [(template.names[t] or f"#{t}") if t >= 0 else "" for t in truth.tolist()]
         for k in TOP_K:
             if match.candidates is None or not counted:
                 metrics[f"top{k}"] = math.nan
@@ -535,14 +547,22 @@ def _evaluate_groups(
         for test, s_id in tests:
             if by == "name" and not countable(template, test, skip_uncertain).any():
                 result.skipped.append(
-                    {"template": t_id, "test": s_id, "method": "all",
-                     "reason": "no shared names: no annotated test name is in the template"}
+                    {
+                        "template": t_id,
+                        "test": s_id,
+                        "method": "all",
+                        "reason": "no shared names: no annotated test name is in the template",
+                    }
                 )
                 bar.update(1)
             elif by == "index" and not (_index_truth(template, test) >= 0).any():
                 result.skipped.append(
-                    {"template": t_id, "test": s_id, "method": "all",
-                     "reason": "no test neuron has a template index"}
+                    {
+                        "template": t_id,
+                        "test": s_id,
+                        "method": "all",
+                        "reason": "no test neuron has a template index",
+                    }
                 )
                 bar.update(1)
             else:
@@ -562,10 +582,15 @@ def _evaluate_groups(
                 metrics, ok, hit, keys = _score(template, test, ans, by, skip_uncertain)
                 result.records.append(
                     {
-                        "template": t_id, "test": s_id, "method": method,
-                        **metrics, "seconds": ans.seconds,
-                        "n_template": template.n, "n_test": test.n,
-                        "template_lab": lab_of(template), "test_lab": lab_of(test),
+                        "template": t_id,
+                        "test": s_id,
+                        "method": method,
+                        **metrics,
+                        "seconds": ans.seconds,
+                        "n_template": template.n,
+                        "n_test": test.n,
+                        "template_lab": lab_of(template),
+                        "test_lab": lab_of(test),
                     }
                 )
                 hits = result.neuron_hits[method]
@@ -688,15 +713,26 @@ def evaluate_pairs(
     for i, j in pairs:
         groups.setdefault(i, []).append((worms[j], ids[j]))
     settings = {
-        "mode": "pairs", "methods": list(methods), "template": None if template is None else
-        t_worms[-1][1], "max_pairs": max_pairs, "seed": seed, "skip_uncertain": skip_uncertain,
-        "n_worms": len(worms), "n_labelled": len(labelled), "n_pairs": len(pairs),
+        "mode": "pairs",
+        "methods": list(methods),
+        "template": None if template is None else t_worms[-1][1],
+        "max_pairs": max_pairs,
+        "seed": seed,
+        "skip_uncertain": skip_uncertain,
+        "n_worms": len(worms),
+        "n_labelled": len(labelled),
+        "n_pairs": len(pairs),
         "cpd": f"{CPD_METHOD} {dataclasses.asdict(CPDConfig.fdnc())} (model units)",
     }
     return _evaluate_groups(
         model,
         [(t_worms[i][0], t_worms[i][1], tests) for i, tests in groups.items()],
-        methods, "pairs", "name", skip_uncertain, progress, settings,
+        methods,
+        "pairs",
+        "name",
+        skip_uncertain,
+        progress,
+        settings,
     )
 
 
@@ -744,11 +780,23 @@ def evaluate_tracking(
     t_id = _worm_id(template, -1)
     if t_id in ids:
         t_id = f"{t_id} (template)"
-    settings = {"mode": "tracking", "methods": list(methods), "by": by, "template": t_id,
-                "n_volumes": len(vols), "skip_uncertain": skip_uncertain}
+    settings = {
+        "mode": "tracking",
+        "methods": list(methods),
+        "by": by,
+        "template": t_id,
+        "n_volumes": len(vols),
+        "skip_uncertain": skip_uncertain,
+    }
     return _evaluate_groups(
-        model, [(template, t_id, list(zip(vols, ids, strict=True)))], methods, "tracking", by,
-        skip_uncertain, progress, settings,
+        model,
+        [(template, t_id, list(zip(vols, ids, strict=True)))],
+        methods,
+        "tracking",
+        by,
+        skip_uncertain,
+        progress,
+        settings,
     )
 
 
@@ -821,9 +869,16 @@ def evaluate_semisynthetic(
     use_color = "fdnc+color" in methods or (model is not None and model.uses_color)
     bank = make_source_bank(list(worms), use_color=use_color)
     result = EvalResult(
-        mode="semisynthetic", methods=methods,
-        settings={"mode": "semisynthetic", "methods": list(methods), "num_pairs": num_pairs,
-                  "seed": seed, "n_sources": bank.num_sources, "sim_cfg": sim_cfg.to_dict()},
+        mode="semisynthetic",
+        methods=methods,
+        settings={
+            "mode": "semisynthetic",
+            "methods": list(methods),
+            "num_pairs": num_pairs,
+            "seed": seed,
+            "n_sources": bank.num_sources,
+            "sim_cfg": sim_cfg.to_dict(),
+        },
     )
     result.neuron_hits = {m: {} for m in methods}
     result.confidence = {m: [] for m in methods if m in FDNC_METHODS}
@@ -847,8 +902,11 @@ def evaluate_semisynthetic(
                 if method == "fdnc+color":
                     tc, sc = np.asarray(batch.template_color), np.asarray(batch.test_color)
                     scores = scores + np.stack(
-                        [matching.DEFAULT_COLOR_WEIGHT * matching.color_log_likelihood(tc[b], sc[b])
-                         for b in range(take)]
+                        [
+                            matching.DEFAULT_COLOR_WEIGHT
+                            * matching.color_log_likelihood(tc[b], sc[b])
+                            for b in range(take)
+                        ]
                     )
                 t0 = time.perf_counter()
                 assign = np.asarray(matching.hungarian_assignment_batch(scores, valid))
@@ -860,8 +918,13 @@ def evaluate_semisynthetic(
                 extra = {"probs": probs, "order": order}
             elif method == "cpd":
                 run_cpd = functools.partial(
-                    cpd_match, batch.template_xyz, batch.template_mask, batch.test_xyz,
-                    batch.test_mask, method=CPD_METHOD, cfg=CPDConfig.fdnc(),
+                    cpd_match,
+                    batch.template_xyz,
+                    batch.template_mask,
+                    batch.test_xyz,
+                    batch.test_mask,
+                    method=CPD_METHOD,
+                    cfg=CPDConfig.fdnc(),
                 )
                 assign, sec = _timed(run_cpd, "c" in warm)
                 assign = np.asarray(assign)[:take]
@@ -874,19 +937,42 @@ def evaluate_semisynthetic(
             for b in range(take):
                 n = int(counted[b].sum())
                 if n == 0:
-                    result.skipped.append({"template": f"sim{done + b}", "test": f"sim{done + b}",
-                                           "method": method, "reason": "no counted test point"})
+                    result.skipped.append(
+                        {
+                            "template": f"sim{done + b}",
+                            "test": f"sim{done + b}",
+                            "method": method,
+                            "reason": "no counted test point",
+                        }
+                    )
                     continue
-                rec = {"template": f"sim{done + b}", "test": f"sim{done + b}", "method": method,
-                       "correct": int(hit[b].sum()), "counted": n,
-                       "accuracy": float(hit[b].sum() / n)}
+                rec = {
+                    "template": f"sim{done + b}",
+                    "test": f"sim{done + b}",
+                    "method": method,
+                    "correct": int(hit[b].sum()),
+                    "counted": n,
+                    "accuracy": float(hit[b].sum() / n),
+                }
                 for k in TOP_K:
                     rec[f"top{k}"] = (
-                        float(np.sum(np.any(extra["order"][b, :, :k] == target[b, :, None], -1)
-                                     & counted[b]) / n) if extra else math.nan
+                        float(
+                            np.sum(
+                                np.any(extra["order"][b, :, :k] == target[b, :, None], -1)
+                                & counted[b]
+                            )
+                            / n
+                        )
+                        if extra
+                        else math.nan
                     )
-                rec.update(seconds=sec / take, n_template=int(batch.template_mask[b].sum()),
-                           n_test=int(valid[b].sum()), template_lab="sim", test_lab="sim")
+                rec.update(
+                    seconds=sec / take,
+                    n_template=int(batch.template_mask[b].sum()),
+                    n_test=int(valid[b].sum()),
+                    template_lab="sim",
+                    test_lab="sim",
+                )
                 result.records.append(rec)
                 if extra:
                     a = np.maximum(assign[b], 0)
@@ -942,7 +1028,7 @@ def summarize(result: EvalResult) -> dict[str, dict[str, Any]]:
         recs = [r for r in result.records if r["method"] == method]
         acc = np.array([r["accuracy"] for r in recs], np.float64)
         n = len(recs)
-        q25, q75 = (np.percentile(acc, [25, 75]) if n else (math.nan, math.nan))
+        q25, q75 = np.percentile(acc, [25, 75]) if n else (math.nan, math.nan)
         entry: dict[str, Any] = {
             "mean": float(acc.mean()) if n else math.nan,
             "median": float(np.median(acc)) if n else math.nan,
@@ -953,7 +1039,8 @@ def summarize(result: EvalResult) -> dict[str, dict[str, Any]]:
             "q75": float(q75),
             "pooled": (
                 float(sum(r["correct"] for r in recs) / max(1, sum(r["counted"] for r in recs)))
-                if n else math.nan
+                if n
+                else math.nan
             ),
             "n_skipped": int(skipped.get(method, 0)),
         }
@@ -979,8 +1066,10 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
     def pct(v):
         return "-" if v is None or not np.isfinite(v) else f"{100 * v:.1f}"
 
-    head = (f"{'method':<11} {'mean%':>6} {'median%':>8} {'IQR%':>6} {'top1%':>6} {'top3%':>6} "
-            f"{'top5%':>6} {'n_pairs':>7} {'s/pair':>8}")
+    head = (
+        f"{'method':<11} {'mean%':>6} {'median%':>8} {'IQR%':>6} {'top1%':>6} {'top3%':>6} "
+        f"{'top5%':>6} {'n_pairs':>7} {'s/pair':>8}"
+    )
     lines = [head, "-" * len(head)]
     for m, s in summary.items():
         sec = s["seconds_per_pair"]
@@ -1023,14 +1112,34 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
     summary = summarize(result)
     _write_json(out / "summary.json", summary)
     _write_csv(
-        out / "pairs.csv", result.records,
-        ["template", "test", "method", "correct", "counted", "accuracy", "top3", "top5", "seconds",
-         "n_template", "n_test", "template_lab", "test_lab"],
+        out / "pairs.csv",
+        result.records,
+        [
+            "template",
+            "test",
+            "method",
+            "correct",
+            "counted",
+            "accuracy",
+            "top3",
+            "top5",
+            "seconds",
+            "n_template",
+            "n_test",
+            "template_lab",
+            "test_lab",
+        ],
     )
-    _write_csv(out / "per_neuron.csv", result.per_neuron(),
-               ["method", "name", "correct", "counted", "accuracy"])
-    _write_csv(out / "wilcoxon.csv", result.wilcoxon(),
-               ["method_a", "method_b", "n_pairs", "mean_a", "mean_b", "p_value"])
+    _write_csv(
+        out / "per_neuron.csv",
+        result.per_neuron(),
+        ["method", "name", "correct", "counted", "accuracy"],
+    )
+    _write_csv(
+        out / "wilcoxon.csv",
+        result.wilcoxon(),
+        ["method_a", "method_b", "n_pairs", "mean_a", "mean_b", "p_value"],
+    )
     calib = result.calibration()
     _write_json(out / "calibration.json", calib)
     _write_csv(out / "skipped.csv", result.skipped, ["template", "test", "method", "reason"])
@@ -1039,7 +1148,8 @@ def write_outputs(result: EvalResult, out_dir: str | Path, plots: bool = True) -
         from fdnc_jax import plots as P
 
         P.plot_accuracy_box(
-            result.per_pair("accuracy"), out / "accuracy.png",
+            result.per_pair("accuracy"),
+            out / "accuracy.png",
             title=f"top-1 accuracy per pair ({result.mode})",
         )
         if calib:

@@ -13,8 +13,9 @@ very negative number). Inference, following the reference code of Yu et al. (eLi
    reported by decreasing probability; ``exp(log_probs[:, N])`` is the outlier probability.
 
 :func:`match` runs on the host (``scipy.optimize.linear_sum_assignment``) for one pair;
-:func:`hungarian_assignment_batch` / :func:`hungarian_accuracy_batch` run a batch on the device
-with ``optax.assignment.hungarian_algorithm`` (jit + vmap) for evaluation during training.
+:func:`match_batch_device` does the same for a padded batch on the device (``predict_batch`` on
+accelerators); :func:`hungarian_assignment_batch` / :func:`hungarian_accuracy_batch` run a batch on
+the device with ``optax.assignment.hungarian_algorithm`` (jit + vmap) for evaluation in training.
 
 Letters used in shapes: B batch, M test neurons, N template neurons, K top-k candidates,
 C color channels. Template index ``-1`` means "no label" everywhere.
@@ -538,7 +539,7 @@ def _match_batch_device(
         scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
     assignment = jax.vmap(_assign_one)(scores, test_mask)  # [B, M]
     has = assignment >= 0
-    row_ok = jnp.any(pair_ok, axis=-1, keepdims=True)  # [B, M, 1]
+    row_ok = jnp.any(jnp.isfinite(scores), axis=-1, keepdims=True)  # [B, M, 1]
     probs = jnp.where(row_ok, jax.nn.softmax(jnp.where(row_ok, scores, 0.0), axis=-1), 0.0)
     take = lambda table, idx: jnp.take_along_axis(table, idx, axis=-1)
     probability = jnp.where(has, take(probs, jnp.maximum(assignment, 0)[..., None])[..., 0], 0.0)
@@ -581,7 +582,8 @@ def match_batch_device(
     For accelerators, where a host loop of scipy assignments would cap throughput: only the
     compact results ([B, M] and [B, M, K]) travel back. On a CPU :func:`match` is faster.
     Differences from :func:`match`: float32 (the host works in float64), so near-ties may resolve
-    differently; ``min_probability`` is applied by the caller.
+    differently; ``min_probability`` is applied by the caller; template columns are padding only
+    where ``template_mask`` says so (the host also drops columns that are ``-inf`` for every row).
 
     Args:
       log_probs: [B, M, N+1] network log-probabilities (padded; last column = outlier).
@@ -607,6 +609,15 @@ def match_batch_device(
     """
     if (template_color is None) != (test_color is None):
         raise ValueError("give both template_color and test_color or none")
+    if not np.isfinite(color_weight) or color_weight < 0:
+        raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
+    n_valid = int(np.min(np.sum(np.asarray(template_mask), axis=-1), initial=np.iinfo(int).max))
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
+        raise ValueError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k <= 0 or top_k > n_valid:
+        raise ValueError(
+            f"top_k must be in [1, number of valid template neurons = {n_valid}], got {top_k}"
+        )
     return _match_batch_device(
         jnp.asarray(log_probs, jnp.float32),
         jnp.asarray(template_mask, bool),

@@ -74,7 +74,10 @@ def countable(
 
 
 def name_accuracy(
-    template: Worm | Collection[str], test: Worm, predicted_labels: Sequence[str], skip_uncertain: bool = True
+    template: Worm | Collection[str],
+    test: Worm,
+    predicted_labels: Sequence[str],
+    skip_uncertain: bool = True,
 ) -> tuple[int, int]:
     """(correct, counted) for one test worm.
 

@@ -59,8 +59,9 @@ def plot_simulated_copies(
             raise ValueError(f"copies[{i}] must be (xyz, mask, labels, ...), got {len(c)} items")
         xyz, mask, labels = (np.asarray(a) for a in c[:3])
         if xyz.ndim != 2 or xyz.shape[1] != 3 or mask.shape != (xyz.shape[0],):
-            raise ValueError(f"copies[{i}]: xyz must be [Q, 3] and mask [Q], got {xyz.shape}, "
-                             f"{mask.shape}")
+            raise ValueError(
+                f"copies[{i}]: xyz must be [Q, 3] and mask [Q], got {xyz.shape}, {mask.shape}"
+            )
         name = titles[i] if titles is not None and i < len(titles) else f"copy {i}"
         panels.append((xyz[mask], labels[mask], name))
 
@@ -74,8 +75,15 @@ def plot_simulated_copies(
             ax = axes[row, col]
             ax.scatter(xyz[known, a], xyz[known, b], s=9, c=cmap[labels[known]], linewidths=0)
             if out.any():
-                ax.scatter(xyz[out, a], xyz[out, b], s=16, c="k", marker="x", linewidths=0.8,
-                           label=f"outliers ({int(out.sum())})")
+                ax.scatter(
+                    xyz[out, a],
+                    xyz[out, b],
+                    s=16,
+                    c="k",
+                    marker="x",
+                    linewidths=0.8,
+                    label=f"outliers ({int(out.sum())})",
+                )
                 if row == 0:
                     ax.legend(loc="upper right", fontsize=6, frameon=False)
             ax.set_aspect("equal", adjustable="datalim")
@@ -154,13 +162,17 @@ def plot_accuracy_box(
     nonempty = [i for i, d in enumerate(data) if d.size]
     if nonempty:
         ax.boxplot(
-            [data[i] for i in nonempty], positions=pos[nonempty], widths=0.55, showfliers=False,
+            [data[i] for i in nonempty],
+            positions=pos[nonempty],
+            widths=0.55,
+            showfliers=False,
             medianprops={"color": "black"},
         )
     for i, (m, d) in enumerate(zip(methods, data, strict=True)):
         color = _METHOD_COLORS.get(m, f"C{i}")
-        ax.scatter(pos[i] + _strip_offsets(d.size, i, 0.18), d, s=12, alpha=0.6, color=color,
-                   zorder=3)
+        ax.scatter(
+            pos[i] + _strip_offsets(d.size, i, 0.18), d, s=12, alpha=0.6, color=color, zorder=3
+        )
         if d.size:
             ax.text(pos[i], 101.5, f"{np.mean(d):.1f}%", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(pos)
@@ -274,23 +286,38 @@ def plot_matches(
     axes = fig.subplots(2, 2, squeeze=False)
     for c, (i, j, plane) in enumerate([(0, 1, "xy"), (0, 2, "xz")]):
         for r, (xyz, text, point_colors, what) in enumerate(
-            [(t_xyz, template.names, ["#1f77b4"] * template.n, f"template, {template.n} neurons"),
-             (s_xyz, labels, list(colors), f"test, {test.n} neurons, predicted names")]
+            [
+                (
+                    t_xyz,
+                    template.names,
+                    ["#1f77b4"] * template.n,
+                    f"template, {template.n} neurons",
+                ),
+                (s_xyz, labels, list(colors), f"test, {test.n} neurons, predicted names"),
+            ]
         ):
             ax = axes[r, c]
             ax.scatter(xyz[:, i], xyz[:, j], s=14, c=point_colors, alpha=0.85)
             for k in range(min(len(text), max_labels)):
                 if text[k]:
-                    ax.annotate(text[k], (xyz[k, i], xyz[k, j]), fontsize=5, color=point_colors[k],
-                                xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(
+                        text[k],
+                        (xyz[k, i], xyz[k, j]),
+                        fontsize=5,
+                        color=point_colors[k],
+                        xytext=(2, 2),
+                        textcoords="offset points",
+                    )
             ax.set_title(f"{what} ({plane})", fontsize=9)
             ax.set_xlabel(f"{plane[0]} (µm from median)", fontsize=8)
             ax.set_ylabel(f"{plane[1]} (µm from median)", fontsize=8)
             ax.set_aspect("equal", adjustable="datalim")
     if title is None and annotated and scorable.any():
-        title = (f"{int(correct.sum())}/{int(scorable.sum())} correct "
-                 f"({correct.sum() / scorable.sum():.1%}); green correct, red wrong, "
-                 "grey not scored")
+        title = (
+            f"{int(correct.sum())}/{int(scorable.sum())} correct "
+            f"({correct.sum() / scorable.sum():.1%}); green correct, red wrong, "
+            "grey not scored"
+        )
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
@@ -339,7 +366,11 @@ def plot_atlas(
         rgb = atlas.color / np.maximum(atlas.color.max(axis=1, keepdims=True), 1e-9)
     else:
         rgb = np.tile([0.2, 0.2, 0.2], (atlas.n, 1))
-    views = [((0, 1), "x (µm)", "y (µm)"), ((0, 2), "x (µm)", "z (µm)"), ((1, 2), "y (µm)", "z (µm)")]
+    views = [
+        ((0, 1), "x (µm)", "y (µm)"),
+        ((0, 2), "x (µm)", "z (µm)"),
+        ((1, 2), "y (µm)", "z (µm)"),
+    ]
     fig = Figure(figsize=(12.0, 5.6), layout="constrained")
     grid = fig.add_gridspec(2, 2, width_ratios=[4.5, 1.0])
     axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[:, 1])]
@@ -350,8 +381,13 @@ def plot_atlas(
         ax.scatter(xyz[:, a], xyz[:, b], c=rgb, s=14, edgecolors="black", linewidths=0.3, zorder=3)
         if names:
             for k in range(atlas.n):
-                ax.annotate(atlas.names[k], xyz[k, [a, b]], fontsize=4.5, xytext=(2, 2),
-                            textcoords="offset points")
+                ax.annotate(
+                    atlas.names[k],
+                    xyz[k, [a, b]],
+                    fontsize=4.5,
+                    xytext=(2, 2),
+                    textcoords="offset points",
+                )
         ax.set_aspect("equal")
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)

@@ -7,7 +7,8 @@ The forward pass is jitted once per size bucket: N and M are padded up to the ne
 two ≤ ``BATCH_CHUNK`` (fewer on CPU), so a recording of thousands of volumes compiles a handful
 of times, never once per volume. The template is sent once per chunk, unbatched, and broadcast
 inside the compiled forward. The one-to-one assignment (Hungarian), the optional color term,
-top-k and thresholds run on the host (``fdnc_jax.matching``).
+top-k and thresholds run on the host (``fdnc_jax.matching.match``) on CPU, and batched on the
+device (``matching.match_batch_device``) on GPU/TPU (``match_on``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fdnc_jax.model.fdnc import Model
 from fdnc_jax.pose import SIGN_FLIPS
 from fdnc_jax.worm import Worm, to_model_units
 
-# Steps of 16 up to 256 (heads have ~100–200 neurons: padding adds at most ~10 % tokens), coarser
+# Steps of 16 up to 256 (heads have ~100–200 neurons: padding adds at most ~15 % tokens), coarser
 # above. The forward's cost grows with N + M, so a finer grid trades compiles (~0.8 s each for
 # the paper-size model on a 2-core CPU) for speed on every call.
 ORIENTATIONS = ("auto", "auto+mirror", "fixed")
@@ -39,6 +40,9 @@ SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 102
 # predict_batch runs at most this many volumes per call (a power of two ≤ it); an H100 ran the
 # paper-size forward at 1.4 k volumes/s in calls of 1, 14 k in calls of 64, 17.5 k in calls of 256.
 BATCH_CHUNK = 256
+# On accelerators a chunk keeps its attention logits, weights and feed-forward activations under
+# this size (256 volumes of 200 neurons; 8 of 1,000).
+ACCELERATOR_CHUNK_BYTES = 4 << 30
 MATCH_ON = ("auto", "host", "device")
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
@@ -249,13 +253,19 @@ def _check_inputs(
 
 
 def _max_chunk(model: Model, n_bucket: int, m_bucket: int) -> int:
-    """Most volumes per forward call: BATCH_CHUNK, or on CPU what fits CPU_CHUNK_BYTES (≥ 1)."""
-    if jax.default_backend() != "cpu":
-        return BATCH_CHUNK
+    """Most volumes per forward call: ≤ BATCH_CHUNK, within CPU_CHUNK_BYTES on CPU (one head's
+    [L, L] weights + the [L, F] hidden layer per volume) or ACCELERATOR_CHUNK_BYTES elsewhere (all
+    heads' logits and weights + the hidden layer); at least 1."""
     tokens = n_bucket + m_bucket
     cfg = model.config
-    per_volume = 4 * tokens * (tokens + cfg.ff_width)  # float32 [L, L] weights + [L, F] hidden.
-    fit = max(CPU_CHUNK_BYTES // per_volume, 1)
+    if jax.default_backend() == "cpu":
+        budget, per_volume = CPU_CHUNK_BYTES, 4 * tokens * (tokens + cfg.ff_width)
+    else:
+        budget, per_volume = (
+            ACCELERATOR_CHUNK_BYTES,
+            4 * tokens * (2 * cfg.heads * tokens + cfg.ff_width),
+        )
+    fit = max(budget // per_volume, 1)
     return min(BATCH_CHUNK, 1 << (fit.bit_length() - 1))
 
 
@@ -591,7 +601,9 @@ def predict(
     """
     if not isinstance(test, Worm):
         raise TypeError(f"test must be a Worm, got {type(test).__name__}")
-    if isinstance(template, list | tuple):
+    if isinstance(template, list | tuple):  # Ensembles match on the host (probabilities averaged).
+        if match_on not in MATCH_ON:
+            raise ValueError(f"match_on={match_on!r} must be one of {MATCH_ON}")
         return predict_ensemble(
             model,
             template,

@@ -98,8 +98,10 @@ class TemplateEvalResult:
                 singles, beaten = [], []
                 for la in labs if lab == "all" else [lab]:
                     per = np.array(list(self.per_template(la, mode, "single").values()))
-                    lab_atlas = np.mean([r["accuracy"] for r in rows
-                                         if r["kind"] == "atlas" and r["lab"] == la] or [np.nan])
+                    lab_atlas = np.mean(
+                        [r["accuracy"] for r in rows if r["kind"] == "atlas" and r["lab"] == la]
+                        or [np.nan]
+                    )
                     singles.append(per)
                     beaten.append(lab_atlas > per)
                 singles, beaten = np.concatenate(singles), np.concatenate(beaten)
@@ -112,7 +114,8 @@ class TemplateEvalResult:
                     "single_min": float(singles.min()) if singles.size else float("nan"),
                     "single_max": float(singles.max()) if singles.size else float("nan"),
                     "n_single_templates": int(singles.size),
-                    "atlas_beats_fraction": float(np.mean(beaten)) if singles.size
+                    "atlas_beats_fraction": float(np.mean(beaten))
+                    if singles.size
                     else float("nan"),
                 }
                 out.setdefault(lab, {})[mode] = entry
@@ -278,14 +281,20 @@ def evaluate_templates(
                     predict_batch(model, template, test_worms, use_color=use_color),
                 )
             used = [j for j in voters if color_ok[j] or not use_color]
-            members = [in_convention(_unique_template(worms[j])[0], convention, hand[j]) for j in used]
+            members = [
+                in_convention(_unique_template(worms[j])[0], convention, hand[j]) for j in used
+            ]
             if members:
                 # What the ensemble can name: its names, less those its annotators marked uncertain
                 # (as a single template's uncertain names are not scored).
-                union = set().union(*(
-                    m.names[m.labelled & ~(uncertain_mask(m) if skip_uncertain else False)].tolist()
-                    for m in members
-                ))
+                union = set().union(
+                    *(
+                        m.names[
+                            m.labelled & ~(uncertain_mask(m) if skip_uncertain else False)
+                        ].tolist()
+                        for m in members
+                    )
+                )
                 preds = [
                     predict_ensemble(model, members, t, use_color=use_color) for t in test_worms
                 ]

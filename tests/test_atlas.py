@@ -217,9 +217,7 @@ def test_bad_input(base, np_rng):
     nameless = copies[:3] + [copies[3].replace(names=np.full(base.n, ""))]
     with pytest.raises(ValueError, match="no usable neuron names"):
         build_atlas(nameless, ids=["a", "b", "c", "d"])
-    pixels = copies[:3] + [
-        Worm.from_pixels(copies[3].xyz_um / 0.42, 1.0, names=copies[3].names)
-    ]
+    pixels = copies[:3] + [Worm.from_pixels(copies[3].xyz_um / 0.42, 1.0, names=copies[3].names)]
     with pytest.raises(ValueError, match=r"'d'.*pixels"):
         build_atlas(pixels, ids=["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="unique"):
@@ -247,9 +245,16 @@ def test_bundled_atlas_is_a_template(base):
 def test_bundled_atlas_rebuilds_byte_for_byte(shared_data, tmp_path):
     out = tmp_path / "atlas_head.npz"
     run = subprocess.run(
-        [sys.executable, "-m", "fdnc_jax.cli.atlas", "build",
-         f"--data={shared_data / 'data' / 'wormnd'}", f"--out={out}"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fdnc_jax.cli.atlas",
+            "build",
+            f"--data={shared_data / 'data' / 'wormnd'}",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.read_bytes() == fd.atlas.bundled_atlas_path().read_bytes()
@@ -266,7 +271,9 @@ def test_anatomical_handedness_and_mirror_image(np_rng):
         w = load_bundled_worm(name)
         assert anatomical_handedness(w) == expect, name
         assert anatomical_handedness(mirror_image(w)) == -expect
-        assert anatomical_handedness(_moved(w, np_rng, scale=1.3)) == expect  # proper motions keep it
+        assert (
+            anatomical_handedness(_moved(w, np_rng, scale=1.3)) == expect
+        )  # proper motions keep it
         assert anatomical_handedness(_moved(w, np_rng, mirror=True)) == -expect
     assert anatomical_handedness(Worm(xyz_um=np_rng.uniform(0, 50, (20, 3)))) == 0  # no names
     # The bundled atlas keeps the majority (EY/NP) convention.

@@ -40,8 +40,15 @@ def _base(seed: int = 0, n: int = N) -> np.ndarray:
     return (rng.normal(size=(n, 3)) * [30.0, 10.0, 8.0] + [200.0, 150.0, 20.0]).astype(np.float32)
 
 
-def _worm(seed: int, names=NAMES, n_color: int = 4, wid: str | None = None, shift=(0, 0, 0),
-          noise: float = 1.0, uncertain=None) -> Worm:
+def _worm(
+    seed: int,
+    names=NAMES,
+    n_color: int = 4,
+    wid: str | None = None,
+    shift=(0, 0, 0),
+    noise: float = 1.0,
+    uncertain=None,
+) -> Worm:
     rng = np.random.default_rng(100 + seed)
     n = len(names)
     xyz = _base(0, n) + np.asarray(shift, np.float32) + rng.normal(size=(n, 3)) * noise
@@ -55,8 +62,11 @@ def _worm(seed: int, names=NAMES, n_color: int = 4, wid: str | None = None, shif
 
 
 def _match(assignment, candidates=None):
-    return ev._Match(assignment=np.asarray(assignment, np.int64), seconds=0.0,
-                     candidates=None if candidates is None else np.asarray(candidates))
+    return ev._Match(
+        assignment=np.asarray(assignment, np.int64),
+        seconds=0.0,
+        candidates=None if candidates is None else np.asarray(candidates),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,8 +75,11 @@ def _match(assignment, candidates=None):
 
 def test_score_counts_only_shared_certain_names():
     xyz = _base(0, 6)
-    template = Worm(xyz_um=xyz[:5], names=["A", "B", "C", "D", ""],
-                    meta={"uncertain": [False, False, False, True, False]})
+    template = Worm(
+        xyz_um=xyz[:5],
+        names=["A", "B", "C", "D", ""],
+        meta={"uncertain": [False, False, False, True, False]},
+    )
     # Test: A, B correct; C wrong; "Z" absent from the template; D uncertain in the template;
     # an unlabelled neuron; an outlier (extra point without a name).
     test = Worm(xyz_um=xyz, names=["A", "B", "C", "Z", "D", ""])
@@ -86,8 +99,9 @@ def test_score_counts_only_shared_certain_names():
 def test_score_uncertain_in_test_and_topk():
     xyz = _base(1, 4)
     template = Worm(xyz_um=xyz, names=["A", "B", "C", "D"])
-    test = Worm(xyz_um=xyz, names=["A", "B", "C", "D"],
-                meta={"uncertain": [False, True, False, False]})
+    test = Worm(
+        xyz_um=xyz, names=["A", "B", "C", "D"], meta={"uncertain": [False, True, False, False]}
+    )
     cand = [[1, 0, 2], [1, 0, 2], [0, 1, 3], [0, 1, 2]]  # Top-3 hit for A only.
     metrics, ok, _, _ = ev._score(template, test, _match([1, 1, 2, 0], cand), "name", True)
     assert not ok[1]
@@ -173,8 +187,12 @@ def test_evaluate_pairs_end_to_end(model, tmp_path):
     data = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(data) == ["fdnc", "fdnc+color", "cpd", "none"]
     for method, entry in data.items():
-        for key, typ in [("mean", float), ("median", float), ("n_pairs", int),
-                         ("seconds_per_pair", float)]:
+        for key, typ in [
+            ("mean", float),
+            ("median", float),
+            ("n_pairs", int),
+            ("seconds_per_pair", float),
+        ]:
             assert isinstance(entry[key], typ), (method, key, entry[key])
         assert entry["n_pairs"] == 6
         assert 0.0 <= entry["mean"] <= 1.0 and 0.0 <= entry["median"] <= 1.0
@@ -182,8 +200,17 @@ def test_evaluate_pairs_end_to_end(model, tmp_path):
         assert ("top3" in entry) == method.startswith("fdnc")
         assert ("ece" in entry) == method.startswith("fdnc")
     assert {m: s["n_pairs"] for m, s in summary.items()} == {m: 6 for m in ev.DEFAULT_METHODS}
-    for name in ["summary.json", "pairs.csv", "per_neuron.csv", "wilcoxon.csv", "calibration.json",
-                 "skipped.csv", "accuracy.png", "calibration.png", "matches_example.png"]:
+    for name in [
+        "summary.json",
+        "pairs.csv",
+        "per_neuron.csv",
+        "wilcoxon.csv",
+        "calibration.json",
+        "skipped.csv",
+        "accuracy.png",
+        "calibration.png",
+        "matches_example.png",
+    ]:
         assert (tmp_path / "out" / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "out" / "pairs.csv")))
     assert len(rows) == 24 and {r["method"] for r in rows} == set(ev.DEFAULT_METHODS)
@@ -210,8 +237,11 @@ def test_max_pairs_is_deterministic_and_template_fixed(model):
     assert len(pairs1) == 5 and len(set(pairs1)) == 5
     assert pairs1 == [(r["template"], r["test"]) for r in r2.records]
     fixed = ev.evaluate_pairs(None, worms, methods="none", template="w2", progress=False)
-    assert [(r["template"], r["test"]) for r in fixed.records] == [("w2", "w0"), ("w2", "w1"),
-                                                                   ("w2", "w3")]
+    assert [(r["template"], r["test"]) for r in fixed.records] == [
+        ("w2", "w0"),
+        ("w2", "w1"),
+        ("w2", "w3"),
+    ]
 
 
 def test_tracking(model):
@@ -219,16 +249,18 @@ def test_tracking(model):
     vols = [_worm(i, wid=f"vol{i}") for i in range(1, 3)]
     by_name = ev.evaluate_tracking(model, template, vols, methods=("fdnc", "none"), progress=False)
     assert len(by_name.records) == 4 and by_name.mode == "tracking"
-    by_index = ev.evaluate_tracking(None, template, [template, *vols], by="index",
-                                    methods=("none",), progress=False)
+    by_index = ev.evaluate_tracking(
+        None, template, [template, *vols], by="index", methods=("none",), progress=False
+    )
     assert [r["test"] for r in by_index.records] == ["vol1", "vol2"]
     assert all(r["counted"] == N for r in by_index.records)
 
 
 def test_semisynthetic(model):
     worms = [_worm(i) for i in range(2)]
-    result = ev.evaluate_semisynthetic(model, worms, num_pairs=3, methods=("fdnc", "none"),
-                                       progress=False)
+    result = ev.evaluate_semisynthetic(
+        model, worms, num_pairs=3, methods=("fdnc", "none"), progress=False
+    )
     assert len(result.records) == 6
     for r in result.records:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["counted"] > 0
@@ -237,12 +269,23 @@ def test_semisynthetic(model):
     # Identical noise-free copies without drops: "none" is perfect.
     from fdnc_jax.sim.config import SimConfig
 
-    easy = SimConfig(bend_curvature_per_mm=0.0, bend_curvature_change_per_mm=0.0,
-                     warp_amplitude_um=0.0, rotate_yz_max=0.0, shear_yz=0.0, rotate_xy_max=0.0,
-                     shear_xy=0.0, scale=0.0, p_drop=(0.0, 0.0), max_outliers=0,
-                     outlier_candidates=0, straighten_sources=False)
-    result = ev.evaluate_semisynthetic(None, worms, num_pairs=2, sim_cfg=easy, methods=("none",),
-                                       progress=False)
+    easy = SimConfig(
+        bend_curvature_per_mm=0.0,
+        bend_curvature_change_per_mm=0.0,
+        warp_amplitude_um=0.0,
+        rotate_yz_max=0.0,
+        shear_yz=0.0,
+        rotate_xy_max=0.0,
+        shear_xy=0.0,
+        scale=0.0,
+        p_drop=(0.0, 0.0),
+        max_outliers=0,
+        outlier_candidates=0,
+        straighten_sources=False,
+    )
+    result = ev.evaluate_semisynthetic(
+        None, worms, num_pairs=2, sim_cfg=easy, methods=("none",), progress=False
+    )
     assert [r["accuracy"] for r in result.records] == [1.0, 1.0]
 
 
@@ -268,8 +311,7 @@ def test_unshared_names_skipped_and_mixed_channel_counts_evaluated(model, tmp_pa
         _worm(2, wid="sf", n_color=3),  # RGB against RGBW: the color term reads R, G, B.
         _worm(3, wid="alien", names=other),  # Shares no name with anyone.
     ]
-    result = ev.evaluate_pairs(model, worms, methods=("fdnc", "fdnc+color", "none"),
-                               progress=False)
+    result = ev.evaluate_pairs(model, worms, methods=("fdnc", "fdnc+color", "none"), progress=False)
     reasons = {(s["template"], s["test"], s["method"]): s["reason"] for s in result.skipped}
     assert "no shared names" in reasons[("a", "alien", "all")]
     assert "no shared names" in reasons[("alien", "b", "all")]
@@ -288,8 +330,7 @@ def test_duplicated_template_names_are_not_scored(model):
     dup = NAMES.copy()
     dup[1] = "N0"  # "N0" labels two neurons of worm a: ambiguous.
     worms = [_worm(0, names=dup, wid="a"), _worm(1, wid="b")]
-    result = ev.evaluate_pairs(model, worms, methods=("fdnc", "none"), template="a",
-                               progress=False)
+    result = ev.evaluate_pairs(model, worms, methods=("fdnc", "none"), template="a", progress=False)
     assert result.skipped == [] and len(result.records) == 2
     assert all(r["counted"] == N - 2 for r in result.records)  # N0 and N1 are not scored.
     assert "['N0']" in result.notes[0]
@@ -300,8 +341,9 @@ def test_duplicated_template_names_are_not_scored(model):
 
 
 def test_plots_return_figures(model, tmp_path):
-    fig = plots.plot_accuracy_box({"fdnc": [0.5, 0.7, np.nan], "cpd": [], "none": [0.2]},
-                                  path=tmp_path / "box.png")
+    fig = plots.plot_accuracy_box(
+        {"fdnc": [0.5, 0.7, np.nan], "cpd": [], "none": [0.2]}, path=tmp_path / "box.png"
+    )
     assert isinstance(fig, Figure) and (tmp_path / "box.png").stat().st_size > 0
     cal = ev.calibration_bins([0.1, 0.5, 0.9], [False, True, True])
     assert isinstance(plots.plot_calibration(cal), Figure)
@@ -321,8 +363,14 @@ def test_plots_return_figures(model, tmp_path):
 
 def _cli(*args, cwd):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "fdnc_jax.cli.evaluate", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fdnc_jax.cli.evaluate", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_baselines_and_errors(tmp_path):
@@ -331,8 +379,16 @@ def test_cli_baselines_and_errors(tmp_path):
     for i in range(3):
         save_worm(_worm(i), data / f"w{i}.npz")
     out = tmp_path / "out"
-    proc = _cli("--data", str(data), "--methods=cpd,none", "--out", str(out), "--progress=false",
-                "--plots=false", cwd=tmp_path)
+    proc = _cli(
+        "--data",
+        str(data),
+        "--methods=cpd,none",
+        "--out",
+        str(out),
+        "--progress=false",
+        "--plots=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "s/pair" in proc.stdout
     assert set(json.loads((out / "summary.json").read_text())) == {"cpd", "none"}
@@ -360,8 +416,9 @@ def test_real_worms(shared_data, model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         worms = [load_worm(p) for p in files]
-    result = ev.evaluate_pairs(model, worms, methods=("fdnc", "cpd", "none"), max_pairs=2,
-                               progress=False)
+    result = ev.evaluate_pairs(
+        model, worms, methods=("fdnc", "cpd", "none"), max_pairs=2, progress=False
+    )
     summary = ev.summarize(result)
     assert all(summary[m]["n_pairs"] == 2 for m in ("fdnc", "cpd", "none"))
     for r in result.records:

@@ -401,3 +401,22 @@ def test_top_k_indices_equals_stable_argsort_with_ties():
         k = int(rng.integers(1, n + 1))
         want = np.argsort(key, axis=1, kind="stable")[:, :k]
         np.testing.assert_array_equal(top_k_indices(key, k), want)
+
+
+def test_match_batch_device_edge_cases():
+    from fdnc_jax.matching import match_batch_device
+
+    lp = np.log(np.array([[[0.5, 0.3, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1]]]))  # [1, 2, 3 + 1]
+    t_mask, s_mask = np.array([[True, True, False]]), np.ones((1, 2), bool)
+    out = match_batch_device(lp, t_mask, s_mask, top_k=2)
+    assert out["assignment"].tolist() == [[0, 1]]
+    assert out["candidates"].tolist() == [[[0, 1], [1, 0]]]  # never the padded column 2
+    with pytest.raises(ValueError, match="top_k"):
+        match_batch_device(lp, t_mask, s_mask, top_k=3)  # only 2 real template neurons
+    with pytest.raises(ValueError, match="color_weight"):
+        match_batch_device(lp, t_mask, s_mask, top_k=1, color_weight=np.nan)
+    lp_inf = lp.copy()
+    lp_inf[0, 1, :3] = -np.inf  # A real test row without any finite template score.
+    out = match_batch_device(lp_inf, t_mask, s_mask, top_k=1)
+    assert np.isfinite(np.asarray(out["candidate_probs"])).all()
+    assert out["assignment"].tolist() == [[0, -1]] and float(out["probability"][0, 1]) == 0.0

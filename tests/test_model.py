@@ -120,6 +120,18 @@ def test_head_by_head_attention_equals_dot_product_attention(rng, batch):
     want = nnx.dot_product_attention(q, k, v, mask=mask, deterministic=True)
     got = head_by_head_attention(q, k, v, mask=mask, deterministic=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # ...and rows of padded queries.
+    if jax.default_backend() == "cpu":  # The head-by-head path really ran (a lax.map = scan).
+        jaxpr = jax.make_jaxpr(
+            lambda q, k, v: head_by_head_attention(q, k, v, mask=mask, deterministic=True)
+        )(q, k, v)
+        assert "scan" in str(jaxpr)
+    key_mask = jnp.arange(9) < 6  # A 1-D [L] key mask (< 3-D) takes the standard path.
+    np.testing.assert_allclose(
+        head_by_head_attention(q, k, v, mask=key_mask, deterministic=True),
+        nnx.dot_product_attention(q, k, v, mask=key_mask, deterministic=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     no_mask = head_by_head_attention(q, k, v, deterministic=True)
     np.testing.assert_allclose(no_mask, nnx.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
     # With a full [.., 1, L, L] mask (e.g. causal-like patterns) too.

@@ -178,8 +178,9 @@ def test_rotate_xy_keeps_z_and_covers_all_headings():
     xyz, mask, labels = _cloud(0)
     f = jax.jit(jax.vmap(lambda k: T.rotate_xy(k, xyz, mask, labels, CFG)[0]))
     out = np.asarray(f(jax.random.split(jax.random.key(0), 200)))
-    np.testing.assert_allclose(out[:, :, 2], np.broadcast_to(xyz[:, 2], out[:, :, 2].shape),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[:, :, 2], np.broadcast_to(xyz[:, 2], out[:, :, 2].shape), atol=1e-6
+    )
     v = out[:, 1] - out[:, 0]  # a fixed segment's heading
     angles = np.arctan2(v[:, 1], v[:, 0])
     assert np.histogram(angles, bins=4, range=(-np.pi, np.pi))[0].min() > 20
@@ -191,8 +192,9 @@ def test_rotate_yz_angle_and_shear_ranges():
     thetas = []
     for seed in range(30):
         out = T.rotate_yz(jax.random.key(seed), xyz, mask, labels, CFG)[0]
-        m, *_ = np.linalg.lstsq(np.asarray(xyz, np.float64), np.asarray(out, np.float64),
-                                rcond=None)
+        m, *_ = np.linalg.lstsq(
+            np.asarray(xyz, np.float64), np.asarray(out, np.float64), rcond=None
+        )
         m = m.T  # out = m @ x
         np.testing.assert_allclose(m[0], [1, 0, 0], atol=1e-5)
         # m[1:, 1:] = [[1, a], [b, 1]] @ [[c, -s], [s, c]]
@@ -233,9 +235,7 @@ def test_straighten_undoes_a_known_polynomial_bend():
     mask = jnp.ones(n, bool)
     labels = jnp.arange(n, dtype=jnp.int32)
     out = np.asarray(T.straighten(None, jnp.asarray(moved, jnp.float32), mask, labels, CFG)[0])
-    ref = np.asarray(
-        T.straighten(None, jnp.asarray(straight, jnp.float32), mask, labels, CFG)[0]
-    )
+    ref = np.asarray(T.straighten(None, jnp.asarray(straight, jnp.float32), mask, labels, CFG)[0])
     if np.corrcoef(out[:, 0], ref[:, 0])[0, 1] < 0:  # the AP sign is arbitrary
         out = out * np.array([-1.0, -1.0, 1.0])
     err = np.abs(out - ref)
@@ -454,8 +454,8 @@ def test_synthesize_shapes_labels_and_color_ride_along():
     q = bank.num_points + CFG.max_outliers
     for seed in range(5):
         out, m, lab, col = (
-            np.asarray(a) for a in pairs.synthesize(jax.random.key(seed), xyz, mask, color,
-                                                    NO_COLOR_JITTER)
+            np.asarray(a)
+            for a in pairs.synthesize(jax.random.key(seed), xyz, mask, color, NO_COLOR_JITTER)
         )
         assert out.shape == (q, 3) and m.shape == (q,) and lab.shape == (q,) and col.shape == (q, 3)
         assert lab.dtype == np.int32
@@ -479,8 +479,9 @@ def _plain_synthesize():
 def test_synthesize_without_color_and_vmap_equals_loop():
     bank, f = _plain_synthesize()
     keys = jax.random.split(jax.random.key(0), 3)
-    batched = jax.jit(jax.vmap(lambda k: pairs.synthesize(k, bank.xyz[0], bank.mask[0], None,
-                                                          CFG)))(keys)
+    batched = jax.jit(
+        jax.vmap(lambda k: pairs.synthesize(k, bank.xyz[0], bank.mask[0], None, CFG))
+    )(keys)
     assert batched[3] is None
     for i in range(3):
         single = f(keys[i])
@@ -673,15 +674,18 @@ def test_real_pairs_across_animals_follow_the_names():
         assert len(np.unique(t[i][ok])) == ok.sum()
         matched += ok.sum()
         # Different animals: the tags of the test are not the template's own slots.
-        assert not np.array_equal(np.sort(_tag(tc[i][np.asarray(b.template_mask[i])])),
-                                  np.sort(_tag(sc[i][np.asarray(b.test_mask[i])])))
+        assert not np.array_equal(
+            np.sort(_tag(tc[i][np.asarray(b.template_mask[i])])),
+            np.sort(_tag(sc[i][np.asarray(b.test_mask[i])])),
+        )
     assert matched > 16 * 10
     # Unnamed test neurons are never supervised as matches.
     assert (t == UNLABELLED).sum() > 0
     # Fraction 0 (or a bank without identity) gives the original pairs, bit for bit.
     plain = pairs.make_pair_batch(jax.random.key(1), bank, 16, NO_COLOR_JITTER)
-    no_id = pairs.make_pair_batch(jax.random.key(1), dataclasses.replace(bank, identity=None), 16,
-                                  NO_COLOR_JITTER)
+    no_id = pairs.make_pair_batch(
+        jax.random.key(1), dataclasses.replace(bank, identity=None), 16, NO_COLOR_JITTER
+    )
     np.testing.assert_array_equal(np.asarray(plain.target), np.asarray(no_id.target))
     half = pairs.make_pair_batch(
         jax.random.key(2), bank, 64, dataclasses.replace(cfg, real_pair_fraction=0.5)

@@ -33,8 +33,9 @@ def _lab_worms(rng, base: Worm, labs: dict[str, int]) -> list[Worm]:
             xyz = base.xyz_um + rng.normal(scale=2.0, size=base.xyz_um.shape)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                w = base.replace(xyz_um=xyz.astype(np.float32), meta={"lab": lab,
-                                                                      "worm": f"{lab}_{i}"})
+                w = base.replace(
+                    xyz_um=xyz.astype(np.float32), meta={"lab": lab, "worm": f"{lab}_{i}"}
+                )
             worms.append(w.subset(keep))
     return worms
 
@@ -56,8 +57,9 @@ def test_leave_one_lab_out_records_and_summary(model, np_rng):
     r = next(r for r in result.records if r["kind"] == "single" and r["mode"] == "position")
     by_id = {w.meta["worm"]: w for w in worms}
     pred = fd.predict(model, by_id[r["template"]], by_id[r["test"]], use_color=False)
-    assert (r["correct"], r["counted"]) == name_accuracy(by_id[r["template"]], by_id[r["test"]],
-                                                         pred.labels)
+    assert (r["correct"], r["counted"]) == name_accuracy(
+        by_id[r["template"]], by_id[r["test"]], pred.labels
+    )
     summary = result.summary()
     assert set(summary) == {"A", "B", "C", "all"}
     s = summary["A"]["position"]
@@ -86,8 +88,14 @@ def test_template_eval_bad_input(model, np_rng):
 
 def _run(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
 
 
 def test_atlas_cli_build_info_and_errors(tmp_path):
@@ -107,8 +115,17 @@ def test_atlas_cli_build_info_and_errors(tmp_path):
     proc = _run("fdnc_jax.cli.atlas")
     assert proc.returncode == 2 and "build or info" in proc.stderr
     proc = _run("fdnc_jax.cli.atlas", "--help")
-    for flag in ("--data", "--out", "--atlas", "--min_animals", "--min_fraction", "--[no]scale",
-                 "--[no]allow_reflection", "--[no]robust", "--[no]skip_uncertain"):
+    for flag in (
+        "--data",
+        "--out",
+        "--atlas",
+        "--min_animals",
+        "--min_fraction",
+        "--[no]scale",
+        "--[no]allow_reflection",
+        "--[no]robust",
+        "--[no]skip_uncertain",
+    ):
         assert flag in proc.stdout, flag
 
 
@@ -122,8 +139,16 @@ def test_predict_cli_defaults_to_the_atlas(tmp_path):
 
 def test_evaluate_cli_templates_mode(tmp_path):
     out = tmp_path / "eval"
-    proc = _run("fdnc_jax.cli.evaluate", "--mode=templates", "--data=bundled", "--max_templates=1",
-                "--ensemble_size=2", f"--out={out}", "--progress=false", cwd=tmp_path)
+    proc = _run(
+        "fdnc_jax.cli.evaluate",
+        "--mode=templates",
+        "--data=bundled",
+        "--max_templates=1",
+        "--ensemble_size=2",
+        f"--out={out}",
+        "--progress=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| held-out lab |" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -138,11 +163,11 @@ def test_templates_take_the_held_out_labs_handedness(model, np_rng):
     base = fd.datasets.load_bundled_worm("NP_11_YAaLR")  # mirror-image convention (−1)
     worms = _lab_worms(np_rng, base, {"A": 3, "B": 3})
     worms[:3] = [mirror_image(w) for w in worms[:3]]  # lab A records the anatomical handedness
-    on = te.evaluate_templates(model, worms, modes=("position",), ensemble_size=0,
-                               progress=False)
+    on = te.evaluate_templates(model, worms, modes=("position",), ensemble_size=0, progress=False)
     assert on.settings["lab_handedness"] == {"A": 1, "B": -1}
-    off = te.evaluate_templates(model, worms, modes=("position",), ensemble_size=0,
-                                match_handedness=False, progress=False)
+    off = te.evaluate_templates(
+        model, worms, modes=("position",), ensemble_size=0, match_handedness=False, progress=False
+    )
     assert off.settings["lab_handedness"] == {"A": 0, "B": 0}
     # Lab B's templates are mirrored for lab A's tests: the predictions change.
     acc = lambda r: [x["accuracy"] for x in r.records if x["lab"] == "A" and x["kind"] == "single"]
@@ -150,11 +175,22 @@ def test_templates_take_the_held_out_labs_handedness(model, np_rng):
 
 
 def test_pooled_summary_compares_each_template_on_its_own_lab():
-    rec = lambda lab, kind, t, test, acc: {"lab": lab, "mode": "position", "kind": kind,
-                                           "template": t, "test": test, "correct": 1,
-                                           "counted": 1, "accuracy": acc}
-    records = [rec("A", "atlas", "atlas", "a1", 0.9), rec("A", "single", "b1", "a1", 0.8),
-               rec("B", "atlas", "atlas", "b1", 0.3), rec("B", "single", "a1", "b1", 0.2)]
+    rec = lambda lab, kind, t, test, acc: {
+        "lab": lab,
+        "mode": "position",
+        "kind": kind,
+        "template": t,
+        "test": test,
+        "correct": 1,
+        "counted": 1,
+        "accuracy": acc,
+    }
+    records = [
+        rec("A", "atlas", "atlas", "a1", 0.9),
+        rec("A", "single", "b1", "a1", 0.8),
+        rec("B", "atlas", "atlas", "b1", 0.3),
+        rec("B", "single", "a1", "b1", 0.2),
+    ]
     summary = te.TemplateEvalResult(records, [], {}).summary()
     assert summary["A"]["position"]["atlas_beats_fraction"] == 1.0
     assert summary["all"]["position"]["atlas_beats_fraction"] == 1.0  # not 0.6 (pooled atlas) > 0.8

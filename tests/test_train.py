@@ -68,7 +68,9 @@ def test_tensorboard_scalars_mirror_metrics(trained):
     evals = [r for r in _records(workdir) if "accuracy" in r]
     scalars = board.Scalars("accuracy")
     assert [e.step for e in scalars] == [r["step"] for r in evals]
-    np.testing.assert_allclose([e.value for e in scalars], [r["accuracy"] for r in evals], rtol=1e-6)
+    np.testing.assert_allclose(
+        [e.value for e in scalars], [r["accuracy"] for r in evals], rtol=1e-6
+    )
     assert {"loss", "val_loss", "lr"} <= set(board.Tags()["scalars"])
 
 
@@ -232,8 +234,9 @@ def test_data_parallel_matches_single_device(tmp_path):
 
 
 def test_real_pairs_training_logs_and_selects_real_accuracy(tmp_path):
-    config = tiny_config(steps=10, eval_every=5, log_every=5, checkpoint_every=10,
-                         select_on="real_accuracy")
+    config = tiny_config(
+        steps=10, eval_every=5, log_every=5, checkpoint_every=10, select_on="real_accuracy"
+    )
     config.sim.real_pair_fraction = 0.5
     config.data.val_fraction = 0.25  # 2 of the 8 bundled worms: real validation pairs exist
     model = train_and_evaluate(config, tmp_path)

@@ -184,7 +184,8 @@ class Model:
       config: the ModelConfig.
       info: free-form provenance (training steps, accuracy, source of the weights).
       matmul_dtype: "float32" (default) or "bfloat16": the operand type of the encoder's matrix
-        products (``with_matmul_dtype``).
+        products — a label set by ``with_matmul_dtype``, which changes the graph (passing it to
+        the constructor changes nothing else).
 
     Example:
       >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))

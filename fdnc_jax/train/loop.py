@@ -205,9 +205,7 @@ def validation_batches(
     ]
 
 
-def evaluate(
-    eval_step, params, batches: Sequence[PairBatch], prefix: str = ""
-) -> dict[str, float]:
+def evaluate(eval_step, params, batches: Sequence[PairBatch], prefix: str = "") -> dict[str, float]:
     """Validation metrics over fixed batches: loss, top-1 and top-5 accuracy (argmax, no Hungarian),
     keys prefixed with ``prefix``.
 
@@ -304,8 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     real_pairs = sim_cfg.real_pair_fraction > 0
     if real_pairs and config.data.get("unify_handedness", True):
         sources, flipped = unify_handedness(sources)
-        logging.info("mirrored %d of %d sources to the majority handedness", flipped.sum(),
-                     len(sources))
+        logging.info(
+            "mirrored %d of %d sources to the majority handedness", flipped.sum(), len(sources)
+        )
     train_worms, val_worms = split_sources(sources, config.data)
     use_color = model_cfg.color_features > 0
     train_banks = bucketed_source_banks(
@@ -365,8 +364,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if previous != select_on:
             # The best so far was measured on another metric: select afresh on the new one.
             run.update(best_accuracy=-1.0, bad_evals=0)
-            _say(f"train.select_on changed from {previous!r} to {select_on!r}: the best weights are "
-                 "chosen afresh from the next validation on", config.train)
+            _say(
+                f"train.select_on changed from {previous!r} to {select_on!r}: the best weights are "
+                "chosen afresh from the next validation on",
+                config.train,
+            )
     run["select_on"] = select_on
     (workdir / "config.json").write_text(json.dumps(_config_dict(config), indent=2))
 
@@ -403,8 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             bar.update(1)
             out_of_time = budget_s > 0 and _now() - t_start >= budget_s
             if out_of_time:
-                _say(f"train.max_minutes={tcfg.max_minutes} reached at step {step}: last "
-                     "validation and checkpoint", tcfg)
+                _say(
+                    f"train.max_minutes={tcfg.max_minutes} reached at step {step}: last "
+                    "validation and checkpoint",
+                    tcfg,
+                )
             is_last = step == tcfg.steps or out_of_time
             record = None
             if step % tcfg.log_every == 0 or is_last:
