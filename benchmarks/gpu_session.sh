@@ -14,7 +14,9 @@
 #   FDNC_SHARED=... OUT=runs/gpu_session bash benchmarks/gpu_session.sh
 # Knobs: TRAIN_MINUTES (per variant, default 4.5), BASE_CONFIG (default configs/default.py),
 #   VARIANTS (default "paper canon real color"), BENCH (1: run the benchmarks at the end), WHEELS (a
-#   folder of wheels to use when the installed flax/optax/orbax fail the smoke run).
+#   folder of wheels to use when the installed flax/optax/orbax fail the smoke run), FROM_SHIPPED
+#   (1: the real and color variants start from the bundled "default" / "color" weights —
+#   train.init_weights — so a new session continues their training instead of starting over).
 # Results in $OUT: <variant>.npz (best weights), logs.tar.gz (metrics, logs), session.log.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -22,6 +24,7 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-4.5}
 BASE_CONFIG=${BASE_CONFIG:-configs/default.py}
 VARIANTS=${VARIANTS:-"paper canon real color"}
 BENCH=${BENCH:-1}
+FROM_SHIPPED=${FROM_SHIPPED:-0}
 WHEELS=${WHEELS:-_carry/whl}
 PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/fdnc_gpu_session}
@@ -53,6 +56,8 @@ if ! smoke; then
 fi
 say "smoke run ok"
 
+shipped() { [ "$FROM_SHIPPED" = 1 ] && echo "--config.train.init_weights=$1"; }
+
 variant_flags() {
   local canon="--config.model.canonical_pose=True --config.model.dropout=0.0"
   local real="--config.sim.real_pair_fraction=0.5 --config.train.select_on=real_accuracy"
@@ -60,8 +65,8 @@ variant_flags() {
   case "$1" in
     paper) echo "" ;;
     canon) echo "$canon" ;;
-    real) echo "$canon $real" ;;
-    color) echo "$canon $real $color" ;;
+    real) echo "$canon $real $(shipped default)" ;;
+    color) echo "$canon $real $color $(shipped color)" ;;
   esac
 }
 

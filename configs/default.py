@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Wall-clock budget in minutes for one invocation (0: none): when reached, training validates,
     # saves and stops; rerunning on the same workdir resumes with a fresh budget.
     config.train.max_minutes = 0.0
+    # Start a fresh run from these weights instead of random ones: "" (none), a bundled name
+    # ("default", "color", "small"), a training workdir or a weights .npz; the architecture above
+    # must match (configs/finetune.py). A workdir with checkpoints resumes instead.
+    config.train.init_weights = ""
     config.train.tensorboard = True  # Also write workdir/tensorboard when tensorboard is installed.
     config.train.progress_bar = True  # tqdm progress bar.
     # Validation metric that picks the best weights and drives the plateau schedule: "accuracy"

@@ -277,3 +277,30 @@ def test_time_budget_validates_saves_and_resumes(tmp_path, monkeypatch):
     config.train.max_minutes = 0.0
     train_and_evaluate(config, tmp_path)  # Resumed without a budget: runs to train.steps.
     assert load_checkpoint(tmp_path, which="latest").info["step"] == 50
+
+
+def test_init_weights_starts_from_given_weights(trained, tmp_path):
+    from fdnc_jax.model.fdnc import ModelConfig
+    from fdnc_jax.train.loop import initial_model
+
+    workdir, model = trained
+    config = tiny_config()
+    cfg = ModelConfig.from_dict(config.model)
+    start = initial_model(cfg, seed=123, init_weights=str(workdir))
+    for x, y in zip(_params(start), _params(load_checkpoint(workdir)), strict=True):
+        np.testing.assert_array_equal(x, y)
+    random = initial_model(cfg, seed=123)
+    assert any((x != y).any() for x, y in zip(_params(random), _params(start), strict=True))
+    # Through the training loop: a fresh run starts there (and its first validation shows it).
+    config.train.init_weights = str(workdir)
+    config.train.steps, config.train.eval_every, config.train.log_every = 2, 2, 2
+    train_and_evaluate(config, tmp_path / "ft")
+    first = [r for r in _records(tmp_path / "ft") if "accuracy" in r][0]
+    best = max(r["accuracy"] for r in _records(workdir) if "accuracy" in r)
+    assert first["accuracy"] >= 0.5 * best > 0  # vs ~1/N for random weights
+    with pytest.raises(ValueError, match="--config.model.width=64"):
+        initial_model(ModelConfig.from_dict({**config.model, "width": 32}), 0, "small")
+    with pytest.raises(ValueError, match="no bundled weights named 'nope'"):
+        initial_model(cfg, 0, "nope")
+    with pytest.raises(CheckpointError):
+        initial_model(cfg, 0, str(tmp_path / "missing" / "run"))

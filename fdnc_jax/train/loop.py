@@ -35,6 +35,53 @@ from fdnc_jax.train.tensorboard import ScalarWriter
 from fdnc_jax.types import PairBatch, SourceBank
 from fdnc_jax.worm import Worm
 
+# Fields that must agree between the config and the weights a run starts from (dropout is a
+# training setting, not part of the weights).
+_ARCHITECTURE_FIELDS = ("width", "layers", "heads", "ff_width", "color_features", "canonical_pose")
+
+
+def initial_model(model_cfg: ModelConfig, seed: int, init_weights: str = "") -> Model:
+    """The model a fresh run starts from: random (``seed``), or the parameters of ``init_weights``.
+
+    Args:
+      model_cfg: the run's architecture (``config.model``).
+      seed: seed of the random initialisation.
+      init_weights: "" (random), a bundled name (``load_pretrained``: "default", "color",
+        "small"), a training workdir or a weights ``.npz`` (``load_checkpoint``) — to fine-tune
+        the shipped model on your own worms, or to continue a run in a new workdir.
+
+    Returns:
+      The Model (float32 parameters).
+
+    Raises:
+      ValueError: weights that cannot be found or read, or whose architecture differs from
+        ``model_cfg`` (the message lists the ``--config.model.*`` flags that would match).
+
+    Example:
+      >>> initial_model(ModelConfig(), 0, "small")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: train.init_weights='small' has another architecture than config.model: pass ...
+    """
+    model = Model.create(model_cfg, seed=seed)
+    if not init_weights:
+        return model
+    if init_weights in ckpt.PRETRAINED_ALIASES or (
+        not Path(init_weights).exists() and "/" not in init_weights
+    ):
+        source = ckpt.load_pretrained(init_weights)
+    else:
+        source = ckpt.load_checkpoint(init_weights)
+    differ = [f for f in _ARCHITECTURE_FIELDS if getattr(source.config, f) != getattr(model_cfg, f)]
+    if differ:
+        flags = " ".join(f"--config.model.{f}={getattr(source.config, f)}" for f in differ)
+        raise ValueError(
+            f"train.init_weights={init_weights!r} has another architecture than config.model: "
+            f"pass {flags}"
+        )
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), source.params)
+    return model.replace_params(params)
+
 
 def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Worm]]:
     """(train, validation) worms: a whole held-out lab (``val_lab``) or a ``val_fraction`` chosen by a
@@ -346,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         len(val_worms),
     )
 
-    model = Model.create(model_cfg, seed=config.seed)
+    model = initial_model(model_cfg, config.seed, tcfg.get("init_weights", "") or "")
     tx = train_step_lib.make_optimizer(tcfg.learning_rate, tcfg.clip_norm, tcfg.optimizer)
     state = train_step_lib.init_state(model, tx)
     abstract = ckpt.abstract_of(state)
@@ -360,6 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         best = store.restore(ckpt.BEST, abstract)
         best_state = best[0] if best is not None else state
         _say(f"resumed from {store.root / ckpt.LATEST} at step {int(state.step)}", config.train)
+        if tcfg.get("init_weights", ""):
+            _say("train.init_weights applies to a fresh workdir only: resuming instead", tcfg)
         previous = meta.get("select_on", "accuracy")
         if previous != select_on:
             # The best so far was measured on another metric: select afresh on the new one.
