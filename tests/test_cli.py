@@ -41,6 +41,13 @@ def test_help_lists_flags():
         assert flag in out.stdout, f"{flag} missing from --help"
 
 
+def test_matmul_dtype_choices_match_the_model():
+    from fdnc_jax.cli._common import MATMUL_DTYPE_CHOICES
+    from fdnc_jax.model.fdnc import MATMUL_DTYPES
+
+    assert tuple(MATMUL_DTYPE_CHOICES) == MATMUL_DTYPES
+
+
 def test_missing_file_is_a_one_line_error(tmp_path):
     missing = tmp_path / "nope.npz"
     out = run_predict(f"--template={missing}", f"--test={missing}")

@@ -6,6 +6,14 @@ import sys
 
 from absl import app, flags
 
+# fdnc_jax.model.fdnc.MATMUL_DTYPES, without importing JAX for --help (tests/test_cli.py checks).
+MATMUL_DTYPE_CHOICES = ["float32", "bfloat16"]
+MATMUL_DTYPE_HELP = (
+    "Operand type of the network's matrix products: bfloat16 (float32 accumulation) is ~1.4x "
+    "faster on CPUs with bfloat16 units (Intel AMX); accuracy unchanged on average, single pairs "
+    "move by ~0.6 points (README, Benchmarks)."
+)
+
 
 def run_main(main, module_name: str) -> None:
     """``app.run(main)`` with the flags defined in ``module_name`` listed by ``--help``.

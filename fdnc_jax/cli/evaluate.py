@@ -21,7 +21,7 @@ from pathlib import Path
 
 from absl import flags
 
-from fdnc_jax.cli._common import run_main
+from fdnc_jax.cli._common import MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -69,14 +69,7 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "weights", "default", "Name of the bundled weights when --checkpoint is not given."
 )
-flags.DEFINE_enum(
-    "matmul_dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Operand type of the network's matrix products: bfloat16 (float32 accumulation) is ~1.4x "
-    "faster on CPUs with bfloat16 units (Intel AMX); accuracy unchanged on average, single pairs "
-    "move by ~0.6 points (README, Benchmarks).",
-)
+flags.DEFINE_enum("matmul_dtype", "float32", MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP)
 flags.DEFINE_string("out", None, "Output folder (created) for summary.json, CSVs and PNG plots.")
 flags.DEFINE_integer("seed", 0, "Seed (integer) of the pair subset and of the simulated pairs.")
 flags.DEFINE_bool(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from fdnc_jax.cli._common import run_main
+from fdnc_jax.cli._common import MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -52,14 +52,7 @@ flags.DEFINE_string(
     "Bundled weights when --checkpoint is not given: default (positions), color (NeuroPAL color "
     "as input), small, or auto = color when the template and every test have color, else default.",
 )
-flags.DEFINE_enum(
-    "matmul_dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "Operand type of the network's matrix products: bfloat16 (float32 accumulation) is ~1.4x "
-    "faster on CPUs with bfloat16 units (Intel AMX); accuracy unchanged on average, single pairs "
-    "move by ~0.6 points (README, Benchmarks).",
-)
+flags.DEFINE_enum("matmul_dtype", "float32", MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP)
 flags.DEFINE_bool("mirrored_test", False, "Test worms lie on the other side (negate x and z).")
 flags.DEFINE_bool("mirrored_template", False, "The template lies on the other side.")
 flags.DEFINE_bool(
