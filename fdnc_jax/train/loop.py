@@ -66,12 +66,15 @@ def initial_model(model_cfg: ModelConfig, seed: int, init_weights: str = "") -> 
     model = Model.create(model_cfg, seed=seed)
     if not init_weights:
         return model
-    if init_weights in ckpt.PRETRAINED_ALIASES or (
-        not Path(init_weights).exists() and "/" not in init_weights
-    ):
-        source = ckpt.load_pretrained(init_weights)
-    else:
+    if init_weights not in ckpt.PRETRAINED_ALIASES and Path(init_weights).exists():
         source = ckpt.load_checkpoint(init_weights)
+    else:
+        try:
+            source = ckpt.load_pretrained(init_weights)
+        except ValueError as e:
+            raise ValueError(
+                f"train.init_weights={init_weights!r} is no file or folder, and {e}"
+            ) from e
     differ = [f for f in _ARCHITECTURE_FIELDS if getattr(source.config, f) != getattr(model_cfg, f)]
     if differ:
         flags = " ".join(f"--config.model.{f}={getattr(source.config, f)}" for f in differ)
