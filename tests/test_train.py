@@ -307,3 +307,27 @@ def test_init_weights_starts_from_given_weights(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError):  # A folder without checkpoints.
         initial_model(cfg, 0, str(tmp_path / "empty"))
+
+
+def test_val_fraction_split_follows_split_seed_and_not_file_order():
+    import ml_collections
+
+    # Converted data sets keep one provenance file per lab in meta['file']: the worm id must count.
+    worms = [
+        fd.Worm(
+            xyz_um=np.random.default_rng(i).normal(size=(20, 3)) * 10 + 50,
+            meta={"file": "one_source.pkl", "worm": f"W{i:02d}"},
+        )
+        for i in range(10)
+    ]
+    cfg = ml_collections.ConfigDict({"val_lab": "", "val_fraction": 0.3, "split_seed": 0})
+    ids = lambda ws: sorted(w.meta["worm"] for w in ws)
+    splits = set()
+    for seed in range(6):
+        cfg.split_seed = seed
+        train, val = split_sources(worms, cfg)
+        assert len(val) == 3 and len(train) == 7
+        _, val_reversed = split_sources(worms[::-1], cfg)
+        assert ids(val_reversed) == ids(val)  # independent of file order
+        splits.add(tuple(ids(val)))
+    assert len(splits) > 1  # the seed changes the split

@@ -124,9 +124,11 @@ def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Wor
             raise ValueError(
                 f"{len(worms)} source worms are too few to hold out {n_val} for validation"
             )
-        # Deterministic, independent of file order: rank worms by a hash of their file name.
+        # Deterministic, independent of file order: rank worms by a hash of their identity — the
+        # file name *and* the worm id, since converted data sets keep one source file per lab in
+        # meta['file'] (hashing that alone made every split_seed give the same split).
         keys = [
-            _hash_uniform(data_cfg.split_seed, *str(w.meta.get("file", i)).encode())
+            _hash_uniform(data_cfg.split_seed, *_identity(w, i).encode())
             for i, w in enumerate(worms)
         ]
         order = np.argsort(keys, kind="stable")
@@ -194,6 +196,13 @@ def bucketed_source_banks(
         make_source_bank(groups[b], b, use_color=use_color, with_identity=with_identity)
         for b in sorted(groups)
     ]
+
+
+def _identity(worm: Worm, index: int) -> str:
+    """A worm's identity for the validation split: ``meta['file']`` and ``meta['worm']`` (index if
+    it has neither)."""
+    file, name = worm.meta.get("file"), worm.meta.get("worm")
+    return f"{file}|{name}" if file or name else str(index)
 
 
 def _hash_uniform(*values: int) -> float:
