@@ -220,12 +220,12 @@ def main() -> None:
     forward = predict_mod._compiled_forward(model)
     forward_bf16 = predict_mod._compiled_forward(model_bf16)
     size = predict_mod.bucket_size(BATCH_NEURONS)
-    t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, 0)
+    t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, False)
     rows = []
     for b in batches:
         tests = worms[:b]
-        s_xyz = np.stack([predict_mod._model_inputs(w, size, 0)[0] for w in tests])
-        s_mask = np.stack([predict_mod._model_inputs(w, size, 0)[1] for w in tests])
+        inputs = [predict_mod._model_inputs(w, size, False) for w in tests]
+        s_xyz, s_mask = (np.stack([x[j] for x in inputs]) for j in (0, 1))
         tt_xyz, tt_mask = torch_inputs([b_template] * b)
         ts_xyz, ts_mask = torch_inputs(tests)
 

@@ -533,8 +533,9 @@ def _match_batch_device(
     scores = network
     if template_color is not None:
         # color_log_likelihood on normalised colors: y·log(x) − y·log(y).
-        log_x = jnp.log(template_color)  # [B, N, 3]
-        y = test_color  # [B, M, 3]
+        # Floored as normalize_color does, so zero padding rows stay finite.
+        log_x = jnp.log(jnp.maximum(template_color, COLOR_FLOOR))  # [B, N, 3]
+        y = jnp.maximum(test_color, COLOR_FLOOR)  # [B, M, 3]
         color = jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
         scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
     assignment = jax.vmap(_assign_one)(scores, test_mask)  # [B, M]

@@ -205,13 +205,17 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _model_inputs(worm: Worm, size: int, n_color: int) -> tuple[np.ndarray, ...]:
+def _model_inputs(
+    worm: Worm, size: int, with_color: bool, name: str = "worm"
+) -> tuple[np.ndarray, ...]:
+    """Padded model-unit positions [size, 3], mask [size] and, ``with_color``, normalised colors
+    [size, 3] (zero rows as padding; None otherwise); ``name`` ('template', 'test') for messages."""
     xyz, _ = to_model_units(worm)
     mask = np.zeros((size,), bool)
     mask[: worm.n] = True
     color = None
-    if n_color:
-        color = _pad(matching.normalize_color(worm.color_for_matching()).astype(np.float32), size)
+    if with_color:
+        color = _pad(matching.normalize_color(worm.color_for_matching(name)), size)
     return _pad(xyz, size), mask, color
 
 
@@ -304,37 +308,50 @@ def _orientation_score(log_probs: np.ndarray) -> float:
     return float(np.mean(scores[rows, cols]))
 
 
-def _forward_chunks(model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray):
+def _forward_chunks(
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    color_term: bool = False,
+):
     """The forward of every (test, hypothesis) pair, batched per bucket and chunk.
 
     Yields ``(part, inputs, log_probs)`` per chunk: ``part`` the (test index, hypothesis index)
-    of each row, ``inputs`` the padded host arrays (t_mask [N_b], s_mask [b, M_b]) and
-    ``log_probs`` the device array [b, M_b, N_b + 1], dispatched but not waited for.
+    of each row, ``inputs`` the padded host arrays (t_mask [N_b], s_mask [b, M_b], and the
+    normalised colors t_color [N_b, 3], s_color [b, M_b, 3] when the model reads color or
+    ``color_term``, else None) and ``log_probs`` the device array [b, M_b, N_b + 1], dispatched
+    but not waited for.
     """
     n_color = model.config.color_features
+    with_color = bool(n_color) or color_term
     n_bucket = bucket_size(template.n, "template")
     groups: dict[int, list[tuple[int, int]]] = {}
     for i, t in enumerate(tests):
         bucket = bucket_size(t.n, f"test worm {i}")
         groups.setdefault(bucket, []).extend((i, h) for h in range(len(signs)))
-    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, n_color)
+    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, with_color, "template")
     forward = _compiled_forward(model)
     for m_bucket, items in groups.items():
         limit = _max_chunk(model, n_bucket, m_bucket)
+        padded: dict[int, tuple[np.ndarray, ...]] = {}  # per test, shared by its hypotheses
         for start in range(0, len(items), limit):
             part = items[start : start + limit]
             b = _chunk_size(len(part), limit)
             s_xyz = np.zeros((b, m_bucket, 3), np.float32)
             s_mask = np.zeros((b, m_bucket), bool)
-            s_color = np.zeros((b, m_bucket, t_color.shape[-1]), np.float32) if n_color else None
+            s_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
             s_signs = np.ones((b, 3), np.float32)
             for j, (i, h) in enumerate(part):
-                s_xyz[j], s_mask[j], c = _model_inputs(tests[i], m_bucket, n_color)
+                if i not in padded:
+                    padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
+                s_xyz[j], s_mask[j], c = padded[i]
                 s_signs[j] = signs[h]
-                if n_color:
+                if with_color:
                     s_color[j] = c
-            lp = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, s_signs)
-            yield part, (t_mask, s_mask), lp
+            colors = (t_color, s_color) if n_color else (None, None)  # network color input
+            lp = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, *colors, s_signs)
+            yield part, (t_mask, s_mask, t_color, s_color), lp
 
 
 def _pipelined(chunks, dispatch, collect) -> None:
@@ -387,21 +404,13 @@ def _device_predictions(
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per (test, hypothesis) come back to the host."""
     k = len(signs)
-    n_bucket = bucket_size(template.n, "template")
-    t_color = None
-    if use_color:
-        t_color = _pad(matching.normalize_color(template.color_for_matching("template")), n_bucket)
-        test_colors = [matching.normalize_color(t.color_for_matching("test")) for t in tests]
     found: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
     def dispatch(part, inputs, lp):
-        t_mask, s_mask = inputs
+        t_mask, s_mask, t_color, s_color = inputs
         b = lp.shape[0]
         colors = {}
         if use_color:
-            s_color = np.full(lp.shape[:2] + (3,), 1.0 / 3.0, np.float32)
-            for j, (i, _) in enumerate(part):
-                s_color[j, : tests[i].n] = test_colors[i]
             colors = {
                 "template_color": np.broadcast_to(t_color, (b,) + t_color.shape),
                 "test_color": s_color,
@@ -421,7 +430,7 @@ def _device_predictions(
         for j, (i, h) in enumerate(part):
             found[i, h] = {key: value[j] for key, value in host.items()}
 
-    _pipelined(_forward_chunks(model, template, tests, signs), dispatch, collect)
+    _pipelined(_forward_chunks(model, template, tests, signs, use_color), dispatch, collect)
     preds = []
     for i, test in enumerate(tests):
         h = max(range(k), key=lambda h: found[i, h]["network_score"]) if k > 1 else 0
@@ -430,18 +439,14 @@ def _device_predictions(
         probability = r["probability"][:m].astype(np.float64)
         low = (assignment >= 0) & (probability < min_probability)
         assignment[low], probability[low] = matching.NO_LABEL, 0.0
-        preds.append(
-            Prediction(
-                assignment=assignment,
-                labels=_labels_of(template.names, assignment),
-                probability=probability,
-                candidates=r["candidates"][:m].astype(np.int64),
-                candidate_probs=r["candidate_probs"][:m].astype(np.float64),
-                outlier_probability=r["outlier_probability"][:m].astype(np.float64),
-                template_names=template.names,
-                orientation=signs[h].astype(np.float32),
-            )
+        result = matching.Matching(
+            assignment=assignment,
+            probability=probability,
+            candidates=r["candidates"][:m].astype(np.int64),
+            candidate_probs=r["candidate_probs"][:m].astype(np.float64),
+            outlier_probability=r["outlier_probability"][:m].astype(np.float64),
         )
+        preds.append(_prediction_of(result, template.names, signs[h]))
     return preds
 
 
@@ -493,17 +498,32 @@ def _prediction(
 ) -> Prediction:
     colors = _color_kwargs(template, test, use_color, color_weight)
     m = matching.match(log_probs, top_k=top_k, min_probability=min_probability, **colors)
-    labels = _labels_of(template.names, m.assignment)
+    return _prediction_of(m, template.names, signs)
+
+
+def _prediction_of(
+    m: matching.Matching, names: np.ndarray, orientation: np.ndarray | None = None
+) -> Prediction:
+    """The Prediction of a Matching against template ``names`` [N] (``orientation`` [3]: the kept
+    sign flip; default: none)."""
+    kept = {} if orientation is None else {"orientation": orientation.astype(np.float32)}
     return Prediction(
         assignment=m.assignment.astype(np.int64),
-        labels=labels,
+        labels=_labels_of(names, m.assignment),
         probability=m.probability,
         candidates=m.candidates,
         candidate_probs=m.candidate_probs,
         outlier_probability=m.outlier_probability,
-        template_names=template.names,
-        orientation=signs.astype(np.float32),
+        template_names=names,
+        **kept,
     )
+
+
+def _matches_on_device(match_on: str) -> bool:
+    """Whether ``match_on`` ("auto", "host", "device") means the device here; ValueError otherwise."""
+    if match_on not in MATCH_ON:
+        raise ValueError(f"match_on={match_on!r} must be one of {MATCH_ON}")
+    return match_on == "device" or (match_on == "auto" and jax.default_backend() != "cpu")
 
 
 def predict_batch(
@@ -550,11 +570,10 @@ def predict_batch(
         raise ValueError("tests is empty: pass at least one test Worm")
     use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
     signs = orientation_hypotheses(model, orientation)
-    if match_on not in MATCH_ON:
-        raise ValueError(f"match_on={match_on!r} must be one of {MATCH_ON}")
+    on_device = _matches_on_device(match_on)
     if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
-    if match_on == "device" or (match_on == "auto" and jax.default_backend() != "cpu"):
+    if on_device:
         return _device_predictions(
             model, template, tests, signs, use_color, float(color_weight), top_k, min_probability
         )
@@ -602,8 +621,7 @@ def predict(
     if not isinstance(test, Worm):
         raise TypeError(f"test must be a Worm, got {type(test).__name__}")
     if isinstance(template, list | tuple):  # Ensembles match on the host (probabilities averaged).
-        if match_on not in MATCH_ON:
-            raise ValueError(f"match_on={match_on!r} must be one of {MATCH_ON}")
+        _matches_on_device(match_on)  # validated all the same
         return predict_ensemble(
             model,
             template,
@@ -688,13 +706,4 @@ def predict_ensemble(
     with np.errstate(divide="ignore"):
         table = np.concatenate([np.log(mean), np.log(outlier_mean)[:, None]], axis=1)
     m = matching.match(table, top_k=top_k, min_probability=min_probability)
-    labels = _labels_of(names, m.assignment)
-    return Prediction(
-        assignment=m.assignment.astype(np.int64),
-        labels=labels,
-        probability=m.probability,
-        candidates=m.candidates,
-        candidate_probs=m.candidate_probs,
-        outlier_probability=outlier_mean,
-        template_names=names,
-    )
+    return dataclasses.replace(_prediction_of(m, names), outlier_probability=outlier_mean)

@@ -82,8 +82,7 @@ def initial_model(model_cfg: ModelConfig, seed: int, init_weights: str = "") -> 
             f"train.init_weights={init_weights!r} has another architecture than config.model: "
             f"pass {flags}"
         )
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), source.params)
-    return model.replace_params(params)
+    return model.replace_params(source.params)  # loaded as float32 (load_weights casts)
 
 
 def split_sources(worms: Sequence[Worm], data_cfg) -> tuple[list[Worm], list[Worm]]:
