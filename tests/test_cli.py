@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import importlib.resources
-import os
 import subprocess
-import sys
 
 import pytest
+from cli_process import run_cli
 
 WEIGHTS = importlib.resources.files("fdnc_jax") / "data" / "fdnc_position.npz"
 
 
 def run_predict(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "fdnc_jax.cli.predict", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_cli("predict", *args, timeout=timeout)
 
 
 def test_help_lists_flags():

@@ -9,14 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import scipy.stats
+from cli_process import run_cli
 from matplotlib.figure import Figure
 
 from fdnc_jax import evaluate as ev
@@ -362,15 +360,7 @@ def test_plots_return_figures(model, tmp_path):
 
 
 def _cli(*args, cwd):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "fdnc_jax.cli.evaluate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("evaluate", *args, cwd=cwd)
 
 
 def test_cli_baselines_and_errors(tmp_path):
