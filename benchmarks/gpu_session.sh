@@ -12,9 +12,12 @@
 #
 # Usage (repository root; data under $FDNC_SHARED/data/wormnd):
 #   FDNC_SHARED=... OUT=runs/gpu_session bash benchmarks/gpu_session.sh
-# Knobs: TRAIN_MINUTES (per variant, default 4.5), BASE_CONFIG (default configs/default.py),
+# Knobs: TRAIN_MINUTES (per variant, default 4.5; with BENCH_FIRST=1 at most what the DEADLINE
+#   leaves after the benchmark), BASE_CONFIG (default configs/default.py),
 #   VARIANTS (default "paper canon real color"), BENCH (1: run the benchmarks at the end), WHEELS (a
-#   folder of wheels to use when the installed flax/optax/orbax fail the smoke run), FROM_SHIPPED
+#   folder of wheels to use when the installed flax/optax/orbax fail the smoke run), BENCH_FIRST (1:
+#   predict_bench before the training, within PREDICT_CAP seconds; simulate_bench after it only if
+#   time is left), FROM_SHIPPED
 #   (1: the real and color variants start from the bundled "default" / "color" weights —
 #   train.init_weights — so a new session continues their training instead of starting over).
 # Results in $OUT: <variant>.npz (best weights), logs.tar.gz (metrics, logs), session.log.
@@ -24,6 +27,9 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-4.5}
 BASE_CONFIG=${BASE_CONFIG:-configs/default.py}
 VARIANTS=${VARIANTS:-"paper canon real color"}
 BENCH=${BENCH:-1}
+BENCH_FIRST=${BENCH_FIRST:-0}
+PREDICT_CAP=${PREDICT_CAP:-170}
+TRAIN_OVERHEAD=${TRAIN_OVERHEAD:-110}  # seconds: start-up, final validation and export of a run
 FROM_SHIPPED=${FROM_SHIPPED:-0}
 WHEELS=${WHEELS:-_carry/whl}
 PY=${PYTHON:-python3}
@@ -70,6 +76,18 @@ variant_flags() {
   esac
 }
 
+left() { echo $((DEADLINE - SECONDS)); }
+predict_bench() {
+  local cap=$1
+  say "predict_bench (${cap}s at most)"
+  timeout "$cap" $PY benchmarks/predict_bench.py > "$WORK/predict_bench.txt" 2>&1
+  grep -v -i warning "$WORK/predict_bench.txt"
+}
+if [ "$BENCH" = 1 ] && [ "$BENCH_FIRST" = 1 ]; then
+  predict_bench "$PREDICT_CAP"
+  TRAIN_MINUTES=$($PY -c "print(round(max(0.5, min($TRAIN_MINUTES, ($(left) - $TRAIN_OVERHEAD) / 60)), 2))")
+fi
+
 n=$(echo $VARIANTS | wc -w)
 frac=$($PY -c "print(round(0.9 / $n, 3))")
 say "training variants [$VARIANTS], $TRAIN_MINUTES min each, side by side (GPU memory fraction $frac)"
@@ -77,7 +95,7 @@ pids=""
 for v in $VARIANTS; do
   rm -rf "$WORK/$v"
   # shellcheck disable=SC2046
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$frac timeout $($PY -c "print(int($TRAIN_MINUTES * 60 + 150))") \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$frac timeout $($PY -c "print(int($TRAIN_MINUTES * 60 + $TRAIN_OVERHEAD - 40))") \
     $PY -m fdnc_jax.cli.train --config="$BASE_CONFIG" --workdir="$WORK/$v" \
     --config.data.sources="$FDNC_SHARED/data/wormnd/*.npz" --config.train.progress_bar=False \
     --config.train.max_minutes="$TRAIN_MINUTES" $(variant_flags "$v") > "$WORK/$v.log" 2>&1 &
@@ -101,17 +119,14 @@ print(f"steps {last['step']} in {last['elapsed_s']:.0f} s ({last['step'] / last[
       + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if "accuracy" in k))
 EOF
 done
-left() { echo $((DEADLINE - SECONDS)); }
 if [ "$BENCH" = 1 ] && [ "$(left)" -gt 30 ]; then
   say "simulate_bench (${SIMULATE_CAP}s at most)"
   timeout $(( $(left) < SIMULATE_CAP ? $(left) : SIMULATE_CAP )) $PY benchmarks/simulate_bench.py \
     > "$WORK/simulate_bench.txt" 2>&1
   grep -v -i warning "$WORK/simulate_bench.txt"
 fi
-if [ "$BENCH" = 1 ] && [ "$(left)" -gt 30 ]; then
-  say "predict_bench ($(left)s at most)"
-  timeout "$(left)" $PY benchmarks/predict_bench.py > "$WORK/predict_bench.txt" 2>&1
-  grep -v -i warning "$WORK/predict_bench.txt"
+if [ "$BENCH" = 1 ] && [ "$BENCH_FIRST" != 1 ] && [ "$(left)" -gt 30 ]; then
+  predict_bench "$(left)"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='site*' --exclude='smoke' .
 say "end"

@@ -56,12 +56,15 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fdnc_jax as fd  # noqa: E402
 from fdnc_jax import matching  # noqa: E402
-from fdnc_jax.worm import to_model_units  # noqa: E402
+from fdnc_jax.sim.config import SimConfig  # noqa: E402
+from fdnc_jax.sim.pairs import make_source_bank, synthesize  # noqa: E402
+from fdnc_jax.worm import from_model_units, to_model_units  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
@@ -72,9 +75,9 @@ ROUNDS = 30
 BLOCKS = 3
 WARMUP = 3
 BATCHES = (1, 16, 64, 256)
-GPU_BATCHES = (1, 16, 64, 256, 1024)
+GPU_BATCHES = (1, 16, 64, 256, 1024, 4096)
 BATCH_NEURONS = 150
-MIN_SECONDS = 2.0  # Per throughput cell: repeat until this much time (at least 2 runs).
+MIN_SECONDS = 2.0  # Per throughput cell: repeat until this much time (at least 2 runs; 1 s on GPU).
 
 
 def cpu_name() -> str:
@@ -87,9 +90,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def synthetic(n: int, seed: int) -> fd.Worm:
-    rng = np.random.default_rng(seed)
-    return fd.Worm(xyz_um=rng.normal(size=(n, 3)) * np.array([30.0, 8.0, 6.0]) + 60.0)
+def tracking_volumes(count: int, n: int = BATCH_NEURONS, seed: int = 0) -> tuple[fd.Worm, list[fd.Worm]]:
+    """A template and ``count`` test volumes of exactly ``n`` points, as in tracking one animal.
+
+    The template is ``n`` neurons of the bundled demo template (µm); each test is a semi-synthetic
+    copy of the whole demo animal (``fdnc_jax.sim.pairs.synthesize``, default simulator: warp,
+    rotation, dropped neurons, outlier points, bend, scale, shear, jitter), of which the first ``n``
+    valid points (in shuffled order) are kept. The network's scores on such volumes are as peaked as
+    on real ones, which matters for the Hungarian step (a random cloud's near-uniform scores make it
+    several times slower)."""
+    source, _ = fd.load_demo_pair()
+    bank = make_source_bank([source])
+    synth = jax.jit(jax.vmap(synthesize, in_axes=(0, None, None, None, None)), static_argnums=4)
+    tests: list[fd.Worm] = []
+    key = jax.random.key(seed)
+    while len(tests) < count:
+        key, sub = jax.random.split(key)
+        xyz, mask, _, _ = jax.device_get(
+            synth(jax.random.split(sub, 256), bank.xyz[0], bank.mask[0], None, SimConfig()))
+        for x, m in zip(xyz, mask, strict=True):
+            if m.sum() >= n and len(tests) < count:
+                tests.append(fd.Worm(xyz_um=from_model_units(x[m][:n], np.zeros(3))))
+    return fd.Worm(xyz_um=source.xyz_um[:n]), tests
 
 
 def timed(fn) -> float:
@@ -112,6 +134,7 @@ def throughput(fn, batch: int) -> float:
 ON_GPU = jax.default_backend() == "gpu" and torch.cuda.is_available()
 TORCH_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 if ON_GPU:
+    MIN_SECONDS = 1.0
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -126,6 +149,42 @@ def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
     """Model units, canonical pose (unpadded, equal sizes) → ([B, P, 3], [B, P] mask)."""
     xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms])).to(TORCH_DEVICE)
     return canonical_pose(xyz), torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
+
+
+def accelerator_sweep(model, template, worms, forward, t_xyz, t_mask, size) -> None:
+    """GPU only: the device matching alone at growing batch sizes, and ``predict_batch`` end to end
+    with larger chunks than the default (``BATCH_CHUNK`` / ``ACCELERATOR_CHUNK_BYTES``)."""
+    n = len(worms)
+    inputs = [predict_mod._model_inputs(w, size, False) for w in worms]
+    s_xyz, s_mask = (np.stack([x[j] for x in inputs]) for j in (0, 1))
+    lp = jnp.concatenate([
+        forward(model.params, t_xyz, t_mask, s_xyz[i:i + 256], s_mask[i:i + 256], None, None,
+                np.ones((len(s_xyz[i:i + 256]), 3), np.float32)) for i in range(0, n, 256)])
+    print(f"\ndevice matching alone (matching.match_batch_device, top-5, {n} distinct volumes "
+          "tiled), volumes/s", flush=True)
+    for b in (256, 1024, 4096, 16384):
+        reps = -(-b // n)
+        lp_b = jnp.tile(lp, (reps, 1, 1))[:b]
+        s_mask_b = jnp.tile(jnp.asarray(s_mask), (reps, 1))[:b]
+        t_mask_b = jnp.broadcast_to(jnp.asarray(t_mask), (b, size))
+        try:
+            rate = throughput(lambda lp_b=lp_b, t_mask_b=t_mask_b, s_mask_b=s_mask_b:
+                              jax.block_until_ready(matching.match_batch_device(
+                                  lp_b, t_mask_b, s_mask_b, top_k=5)), b)
+            print(f"{b:>6} {rate:>12.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
+            print(f"{b:>6} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    print(f"\npredict_batch end to end, {n} volumes, by chunk size (volumes/s)", flush=True)
+    defaults = predict_mod.BATCH_CHUNK, predict_mod.ACCELERATOR_CHUNK_BYTES
+    for chunk in (256, 512, 1024, 2048):
+        predict_mod.BATCH_CHUNK, predict_mod.ACCELERATOR_CHUNK_BYTES = chunk, 64 << 30
+        try:
+            rate = throughput(lambda: fd.predict_batch(
+                model, template, worms, use_color=False, orientation="fixed"), n)
+            print(f"  chunk {chunk:>5}: {rate:>9.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  chunk {chunk:>5}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    predict_mod.BATCH_CHUNK, predict_mod.ACCELERATOR_CHUNK_BYTES = defaults
 
 
 def main() -> None:
@@ -214,14 +273,18 @@ def main() -> None:
     print(f"  fd.predict with the default 4-way orientation search: {auto_ms:.1f} ms end to end")
 
     # ------------------------------------------------------------------ 2. batched throughput
-    b_template = synthetic(BATCH_NEURONS, 0)
     batches = GPU_BATCHES if ON_GPU else BATCHES
-    worms = [synthetic(BATCH_NEURONS, 1 + i) for i in range(max(batches))]
+    b_template, worms = tracking_volumes(max(batches))
     forward = predict_mod._compiled_forward(model)
     forward_bf16 = predict_mod._compiled_forward(model_bf16)
     size = predict_mod.bucket_size(BATCH_NEURONS)
     t_xyz, t_mask, _ = predict_mod._model_inputs(b_template, size, False)
-    rows = []
+    chunk = predict_mod._max_chunk(model, size, size)
+    print(f"\nthroughput, volumes/s ({BATCH_NEURONS}-point semi-synthetic copies of one animal, "
+          f"JAX padded to bucket {size}; predict_batch runs chunks of ≤ {chunk} volumes here, "
+          "'jax forward' and 'torch forward' one call of the whole batch)")
+    print(f"{'batch':>6} {'predict_batch':>14} {'jax forward':>12} {'bf16 forward':>13} "
+          f"{'torch forward':>14} {'fwd ratio':>10} {'e2e ratio':>10}", flush=True)
     for b in batches:
         tests = worms[:b]
         inputs = [predict_mod._model_inputs(w, size, False) for w in tests]
@@ -242,22 +305,14 @@ def main() -> None:
         raw_bf16 = throughput(lambda s_xyz=s_xyz, s_mask=s_mask, s_signs=s_signs: forward_bf16(
             model.params, t_xyz, t_mask, s_xyz, s_mask, None, None, s_signs).block_until_ready(), b)
         tf = throughput(torch_forward, b)
-        pb_host = pb  # On an accelerator predict_batch matches on the device; time the host too.
-        if ON_GPU:
-            pb_host = throughput(lambda tests=tests: fd.predict_batch(
-                model, b_template, tests, use_color=False, orientation="fixed", match_on="host"), b)
-        rows.append((b, pb, raw, raw_bf16, tf, pb_host))
-
-    chunk = predict_mod._max_chunk(model, size, size)
-    print(f"\nthroughput, volumes/s ({BATCH_NEURONS}-neuron clouds, JAX padded to bucket {size}; "
-          f"predict_batch runs chunks of ≤ {chunk} volumes here, 'jax forward' and 'torch forward' "
-          "one call of the whole batch)")
-    print(f"{'batch':>6} {'predict_batch':>14} {'jax forward':>12} {'bf16 forward':>13} "
-          f"{'torch forward':>14} {'fwd ratio':>10} {'e2e ratio':>10}")
-    for b, pb, raw, raw_bf16, tf, pb_host in rows:
+        note = ""
+        if ON_GPU and b <= 1024:  # predict_batch matches on the device there; time the host too.
+            note = "   (match_on='host': {:.1f})".format(throughput(lambda tests=tests: fd.predict_batch(
+                model, b_template, tests, use_color=False, orientation="fixed", match_on="host"), b))
         print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {raw_bf16:>13.1f} {tf:>14.1f} {raw / tf:>9.2f}x "
-              f"{pb / tf:>9.2f}x" + (f"   (match_on='host': {pb_host:.1f})" if ON_GPU else ""))
-
+              f"{pb / tf:>9.2f}x" + note, flush=True)
+    if ON_GPU:
+        accelerator_sweep(model, b_template, worms, forward, t_xyz, t_mask, size)
     print(f"\n{'single pair (ms)':<26} {'jax':>8} {'torch':>8} {'speedup':>8}")
     print(f"{'end to end, median':<26} {jax_med:>8.2f} {torch_med:>8.2f} "
           f"{torch_med / jax_med:>7.2f}x")
