@@ -374,7 +374,7 @@ def load_pretrained(name: str = "default") -> Model:
     """The weights shipped inside the package (``fdnc_jax/data/MODEL_CARD.md``).
 
     * ``"default"`` (``fdnc_position``): the paper-size network (6 layers, D 128, 8 heads, FF 2048;
-      canonical pose) trained on an H100 for 7 minutes on semi-synthetic and real across-animal
+      canonical pose) trained on an H100 for 11 minutes on semi-synthetic and real across-animal
       pairs of the EY, SF and SK1 labs; positions only, so it works for every worm.
     * ``"color"`` (``fdnc_color``): the same with normalised NeuroPAL color (R, G, B) as network
       input; template and test worms need color. The best model for NeuroPAL animals.

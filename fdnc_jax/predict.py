@@ -7,8 +7,9 @@ The forward pass is jitted once per size bucket: N and M are padded up to the ne
 two ≤ ``BATCH_CHUNK`` (fewer on CPU), so a recording of thousands of volumes compiles a handful
 of times, never once per volume. The template is sent once per chunk, unbatched, and broadcast
 inside the compiled forward. The one-to-one assignment (Hungarian), the optional color term,
-top-k and thresholds run on the host (``fdnc_jax.matching.match``) on CPU, and batched on the
-device (``matching.match_batch_device``) on GPU/TPU (``match_on``).
+top-k and thresholds run on the host (``fdnc_jax.matching.match``, a thread pool for many volumes),
+or batched on the device (``matching.match_batch_device``) for large batches on GPU/TPU
+(``match_on``, ``DEVICE_MATCH_MIN_ROWS``).
 """
 
 from __future__ import annotations
@@ -37,13 +38,23 @@ from fdnc_jax.worm import Worm, to_model_units
 # the paper-size model on a 2-core CPU) for speed on every call.
 ORIENTATIONS = ("auto", "auto+mirror", "fixed")
 SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 1024)
-# predict_batch runs at most this many volumes per call (a power of two ≤ it); an H100 ran the
-# paper-size forward at 1.4 k volumes/s in calls of 1, 14 k in calls of 64, 17.5 k in calls of 256.
-BATCH_CHUNK = 256
-# On accelerators a chunk keeps its attention logits, weights and feed-forward activations under
-# this size (256 volumes of 200 neurons; 8 of 1,000).
+# predict_batch runs at most this many volumes per call (a power of two ≤ it). On an H100 the
+# paper-size forward ran at 0.7 k volumes/s in calls of 1, 13.5 k in calls of 64, 18.6 k in calls of
+# 1,024; the device matching (a sequential Hungarian, launch-bound) at 1.1 k / 3.2 k / 9.2 k / 12.3 k
+# volumes/s in calls of 256 / 1,024 / 4,096 / 16,384, so predict_batch of 4,096 volumes ran at 970,
+# 2,360 and 3,210 volumes/s with chunks of 256, 1,024 and 2,048.
+BATCH_CHUNK = 2048
+# On accelerators a chunk keeps its attention logits, weights and feed-forward activations (an
+# overestimate: 9 MB per volume of 150 + 150 neurons, where XLA used ~6.6 MB) under a third of the
+# device's memory (``memory_stats()["bytes_limit"]``), or under this size where the device does not
+# report it (256 volumes of 200 neurons; 8 of 1,000).
 ACCELERATOR_CHUNK_BYTES = 4 << 30
 MATCH_ON = ("auto", "host", "device")
+# match_on="auto" matches on the device only for at least this many (volume, orientation) rows: the
+# device Hungarian's cost per call hardly depends on the batch, so small batches are faster on the
+# host (H100, one pair with the 4-way orientation search: 460 ms on the device, ~15 ms on the host;
+# 256 volumes: 876 vs 858 volumes/s; 1,024: 930 vs 795).
+DEVICE_MATCH_MIN_ROWS = 1024
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
 # weights and the feed-forward hidden layer, per volume) under this size: measured best on a 2-core
@@ -266,11 +277,21 @@ def _max_chunk(model: Model, n_bucket: int, m_bucket: int) -> int:
         budget, per_volume = CPU_CHUNK_BYTES, 4 * tokens * (tokens + cfg.ff_width)
     else:
         budget, per_volume = (
-            ACCELERATOR_CHUNK_BYTES,
+            _accelerator_budget(),
             4 * tokens * (2 * cfg.heads * tokens + cfg.ff_width),
         )
     fit = max(budget // per_volume, 1)
     return min(BATCH_CHUNK, 1 << (fit.bit_length() - 1))
+
+
+def _accelerator_budget() -> int:
+    """Bytes of activations one forward call may use on an accelerator: a third of the device's
+    memory limit, or ``ACCELERATOR_CHUNK_BYTES`` where the device does not report one."""
+    try:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0)
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+        limit = 0
+    return int(limit) // 3 if limit else ACCELERATOR_CHUNK_BYTES
 
 
 def _chunk_size(n: int, limit: int) -> int:
@@ -519,11 +540,14 @@ def _prediction_of(
     )
 
 
-def _matches_on_device(match_on: str) -> bool:
-    """Whether ``match_on`` ("auto", "host", "device") means the device here; ValueError otherwise."""
+def _matches_on_device(match_on: str, rows: int = 0) -> bool:
+    """Whether ``match_on`` ("auto", "host", "device") means the device here for ``rows``
+    (volume, orientation) matchings; ValueError for another value."""
     if match_on not in MATCH_ON:
         raise ValueError(f"match_on={match_on!r} must be one of {MATCH_ON}")
-    return match_on == "device" or (match_on == "auto" and jax.default_backend() != "cpu")
+    if match_on == "auto":
+        return jax.default_backend() != "cpu" and rows >= DEVICE_MATCH_MIN_ROWS
+    return match_on == "device"
 
 
 def predict_batch(
@@ -556,8 +580,9 @@ def predict_batch(
       match_on: where the one-to-one assignment, softmax and top-k run: "host" (scipy, float64;
         a thread pool for many volumes), "device" (``matching.match_batch_device``: jitted and
         batched with the forward, float32 — for accelerators, where a host loop would cap the
-        throughput), "auto" (default) = "device" on GPU/TPU, "host" on CPU. The two agree up to
-        near-ties and float32 rounding (tested).
+        throughput), "auto" (default) = "device" on GPU/TPU for ≥ ``DEVICE_MATCH_MIN_ROWS``
+        (volume, orientation) pairs, "host" otherwise. The two agree up to near-ties and float32
+        rounding (tested).
 
     Returns:
       One Prediction per test worm, in order.
@@ -570,7 +595,7 @@ def predict_batch(
         raise ValueError("tests is empty: pass at least one test Worm")
     use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
     signs = orientation_hypotheses(model, orientation)
-    on_device = _matches_on_device(match_on)
+    on_device = _matches_on_device(match_on, len(tests) * len(signs))
     if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
     if on_device:

@@ -134,6 +134,43 @@ def test_predict_batch_chunks_and_padding(model, monkeypatch):
         close(b.probability, single.probability)
 
 
+def test_auto_matches_on_device_only_for_large_batches_on_accelerators(monkeypatch):
+    """match_on='auto': host on CPU; on an accelerator the device from DEVICE_MATCH_MIN_ROWS rows."""
+    monkeypatch.setattr(predict_mod.jax, "default_backend", lambda: "cpu")
+    assert not predict_mod._matches_on_device("auto", 10**6)
+    assert predict_mod._matches_on_device("device", 1)
+    monkeypatch.setattr(predict_mod.jax, "default_backend", lambda: "gpu")
+    limit = predict_mod.DEVICE_MATCH_MIN_ROWS
+    assert not predict_mod._matches_on_device("auto", limit - 1)
+    assert predict_mod._matches_on_device("auto", limit)
+    assert not predict_mod._matches_on_device("host", 10**6)
+
+
+def test_accelerator_chunk_follows_device_memory(monkeypatch):
+    """A third of the reported memory limit bounds a chunk; ACCELERATOR_CHUNK_BYTES otherwise."""
+    paper = types.SimpleNamespace(config=ModelConfig())
+    stats: dict = {}
+
+    class Device:
+        def memory_stats(self):
+            if stats.get("fail"):
+                raise NotImplementedError
+            return stats.get("value")
+
+    monkeypatch.setattr(predict_mod.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(predict_mod.jax, "devices", lambda: [Device()])
+    per_volume = 4 * 320 * (2 * 8 * 320 + 2048)  # 150 + 150 neurons in the 160 buckets
+    stats["value"] = {"bytes_limit": 3 * 600 * per_volume}  # room for 600 volumes
+    assert predict_mod._max_chunk(paper, 160, 160) == 512
+    stats["value"] = {"bytes_limit": 60 << 30}  # an H100: capped by BATCH_CHUNK
+    assert predict_mod._max_chunk(paper, 160, 160) == predict_mod.BATCH_CHUNK
+    for stats["value"] in (None, {}):  # not reported: the fixed budget
+        assert predict_mod._accelerator_budget() == predict_mod.ACCELERATOR_CHUNK_BYTES
+    stats["fail"] = True
+    assert predict_mod._accelerator_budget() == predict_mod.ACCELERATOR_CHUNK_BYTES
+    assert predict_mod._max_chunk(paper, 1024, 1024) >= 1
+
+
 def test_cpu_chunk_limit():
     paper = types.SimpleNamespace(config=ModelConfig())
     small = types.SimpleNamespace(config=ModelConfig(width=64, layers=4, heads=4, ff_width=256))
@@ -141,8 +178,6 @@ def test_cpu_chunk_limit():
         assert predict_mod._max_chunk(paper, 224, 224) == 4
         assert predict_mod._max_chunk(paper, 512, 512) == 1
         assert predict_mod._max_chunk(small, 160, 160) == 16
-    else:
-        assert predict_mod._max_chunk(paper, 224, 224) == predict_mod.BATCH_CHUNK
     assert predict_mod._chunk_size(3, 32) == 4
     assert predict_mod._chunk_size(1, 32) == 1
     assert predict_mod._chunk_size(40, 32) == 32
