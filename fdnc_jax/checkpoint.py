@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from fdnc_jax.io import atomic_write, write_npz
-from fdnc_jax.model.fdnc import Model, ModelConfig
+from fdnc_jax.model.fdnc import Model, ModelConfig, check_temperature
 
 PathLike = str | os.PathLike
 LATEST = "latest"
@@ -294,7 +294,7 @@ def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
 
 
 def save_weights(model: Model, path: PathLike, dtype: str = "float32") -> None:
-    """Saves a model's parameters + config as a compressed ``.npz`` (atomic write).
+    """Saves a model's parameters + config (+ info, temperature) as a compressed ``.npz`` (atomic).
 
     Args:
       model: the Model (float32 parameters, keyed by their path in the file).
@@ -317,6 +317,7 @@ def save_weights(model: Model, path: PathLike, dtype: str = "float32") -> None:
     arrays = {"/".join(map(str, k)): np.asarray(v.get_value(), dtype) for k, v in flat}
     arrays["__config__"] = np.asarray(json.dumps(dataclasses.asdict(model.config)))
     arrays["__info__"] = np.asarray(json.dumps(dict(model.info), default=str))
+    arrays["__temperature__"] = np.asarray(model.temperature, np.float64)
     atomic_write(path, lambda f: write_npz(f, arrays))
 
 
@@ -346,9 +347,10 @@ def load_weights(path: PathLike) -> Model:
             arrays = {k: d[k] for k in d.files}
         config = ModelConfig.from_dict(json.loads(str(arrays.pop("__config__"))))
         info = json.loads(str(arrays.pop("__info__", "{}")))
-    except (OSError, ValueError, KeyError) as e:
+        temperature = check_temperature(float(arrays.pop("__temperature__", 1.0)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{p}: not a readable fdnc_jax weights file ({e})") from e
-    model = Model.create(config, info=info)
+    model = Model.create(config, info=info).with_temperature(temperature)
     flat = nnx.to_flat_state(model.params)
     expected = {"/".join(map(str, k)): v for k, v in flat}
     if set(expected) != set(arrays):

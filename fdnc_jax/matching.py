@@ -345,6 +345,20 @@ def _host_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return linear_sum_assignment(cost)
 
 
+def check_temperature(temperature: object) -> float:
+    """``temperature`` as a float; ValueError unless it is a finite number > 0.
+
+    Example:
+      >>> check_temperature(2)
+      2.0
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
 def match(
     log_probs: ArrayLike,
     *,
@@ -355,6 +369,7 @@ def match(
     color_weight: float = DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
     min_probability: float = 0.0,
+    temperature: float = 1.0,
 ) -> Matching:
     """Matches the test neurons of one pair to template neurons (host, scipy Hungarian).
 
@@ -372,6 +387,8 @@ def match(
       top_k: K, number of candidates per test neuron, 1 <= K <= number of valid template
         neurons.
       min_probability: assignments with probability below this become ``-1``; in [0, 1].
+      temperature: T > 0; probabilities (assignment and candidates) are the row softmax of
+        scores / T (``Model.temperature``); the assignment and candidate order do not change.
 
     Returns:
       The :class:`Matching`.
@@ -412,6 +429,7 @@ def match(
         )
     if not (0.0 <= float(min_probability) <= 1.0):  # also rejects NaN
         raise ValueError(f"min_probability must be in [0, 1], got {min_probability}")
+    temperature = check_temperature(temperature)
 
     rows = np.flatnonzero(q_valid)
     cols = np.flatnonzero(t_valid)
@@ -420,7 +438,7 @@ def match(
         r, c = _host_assignment(-scores[np.ix_(rows, cols)])
         assignment[rows[r]] = cols[c]
 
-    probs = row_softmax(scores)  # [M, N]; invalid columns / rows -> 0
+    probs = row_softmax(scores / temperature)  # [M, N]; invalid columns / rows -> 0
     idx = np.arange(m)
     has = assignment >= 0
     pair_score = np.where(has, scores[idx, np.maximum(assignment, 0)], -np.inf)
@@ -523,6 +541,7 @@ def _match_batch_device(
     template_color,
     test_color,
     color_weight,
+    temperature,
     *,
     top_k,
     score_network,
@@ -541,7 +560,8 @@ def _match_batch_device(
     assignment = jax.vmap(_assign_one)(scores, test_mask)  # [B, M]
     has = assignment >= 0
     row_ok = jnp.any(jnp.isfinite(scores), axis=-1, keepdims=True)  # [B, M, 1]
-    probs = jnp.where(row_ok, jax.nn.softmax(jnp.where(row_ok, scores, 0.0), axis=-1), 0.0)
+    probs = jax.nn.softmax(jnp.where(row_ok, scores / temperature, 0.0), axis=-1)
+    probs = jnp.where(row_ok, probs, 0.0)
     take = lambda table, idx: jnp.take_along_axis(table, idx, axis=-1)
     probability = jnp.where(has, take(probs, jnp.maximum(assignment, 0)[..., None])[..., 0], 0.0)
     masked = jnp.where(template_mask[:, None, :], scores, -jnp.inf)
@@ -577,6 +597,7 @@ def match_batch_device(
     color_weight: float = DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
     score_network: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, jax.Array]:
     """:func:`match` for a padded batch, entirely on the device (jit; ``optax`` Hungarian).
 
@@ -596,6 +617,7 @@ def match_batch_device(
       top_k: K candidates per test neuron (≤ real template neurons).
       score_network: also return ``network_score`` [B]: the mean network log-prob of the one-to-one
         assignment of the network scores alone (the orientation criterion of ``predict``).
+      temperature: T > 0 of the probabilities (softmax of scores / T), as :func:`match`.
 
     Returns:
       dict of device arrays: ``assignment`` [B, M] int32 (−1: none), ``probability`` [B, M],
@@ -626,6 +648,7 @@ def match_batch_device(
         None if template_color is None else jnp.asarray(template_color, jnp.float32),
         None if test_color is None else jnp.asarray(test_color, jnp.float32),
         jnp.float32(color_weight),
+        jnp.float32(check_temperature(temperature)),
         top_k=int(top_k),
         score_network=bool(score_network),
     )

@@ -443,6 +443,7 @@ def _device_predictions(
             color_weight=color_weight,
             top_k=top_k,
             score_network=k > 1,
+            temperature=model.temperature,
             **colors,
         )
 
@@ -516,9 +517,16 @@ def _prediction(
     top_k: int,
     min_probability: float,
     signs: np.ndarray,
+    temperature: float = 1.0,
 ) -> Prediction:
     colors = _color_kwargs(template, test, use_color, color_weight)
-    m = matching.match(log_probs, top_k=top_k, min_probability=min_probability, **colors)
+    m = matching.match(
+        log_probs,
+        top_k=top_k,
+        min_probability=min_probability,
+        temperature=temperature,
+        **colors,
+    )
     return _prediction_of(m, template.names, signs)
 
 
@@ -572,7 +580,9 @@ def predict_batch(
         have color and the model does not take color as input).
       color_weight: weight of the color log-likelihood (60 as the original).
       top_k: number of candidates per test neuron (1 ≤ top_k ≤ template neurons).
-      min_probability: assignments below this probability become −1 ("no label").
+      min_probability: assignments below this probability become −1 ("no label"). Probabilities
+        are the row softmax of the scores / ``model.temperature`` (the bundled models carry a
+        temperature fitted on labelled real pairs; ``model.with_temperature(1.0)``: the raw ones).
       orientation: for canonical-pose models, which orientations of the test to try (each test is
         matched under every hypothesis, the best-explained one is kept): "auto" the 4 proper
         180° flips of its principal axes, "auto+mirror" also their mirror images (worms whose side
@@ -613,6 +623,7 @@ def predict_batch(
             top_k,
             min_probability,
             signs[chosen[i]],
+            model.temperature,
         ),
         range(len(tests)),
     )
@@ -686,7 +697,9 @@ def predict_ensemble(
     For every template, the network's log-probabilities (+ the color term) give a row-softmax
     distribution over that template's neurons, i.e. over its names. Per test neuron and name, the
     probabilities are averaged over the templates that carry the name (rows renormalised); the
-    outlier probability is averaged too. One Hungarian assignment over names follows.
+    outlier probability is averaged too. One Hungarian assignment over names follows. The votes
+    use the network's own probabilities (``model.temperature`` is not applied: the ensemble's
+    probabilities were not calibrated).
 
     Args:
       templates: ≥ 1 labelled Worms (each needs names).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -343,6 +344,12 @@ _QC = np.ones((4, 3))
         ({"template_color": _TC, "test_color": _QC, "color_weight": -1.0}, "color_weight"),
         ({"template_mask": np.ones(4, bool)}, "template_mask"),
         ({"test_mask": np.ones(5, bool)}, "test_mask"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": "2"}, "temperature"),
     ],
 )
 def test_match_bad_inputs_raise(kwargs, name):
@@ -420,3 +427,33 @@ def test_match_batch_device_edge_cases():
     out = match_batch_device(lp_inf, t_mask, s_mask, top_k=1)
     assert np.isfinite(np.asarray(out["candidate_probs"])).all()
     assert out["assignment"].tolist() == [[0, -1]] and float(out["probability"][0, 1]) == 0.0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.5])
+def test_temperature_scales_probabilities_only(temperature):
+    """softmax(scores / T): same assignment and candidate order, probabilities from scores / T."""
+    rng = np.random.default_rng(3)
+    lp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(7, 9)) * 2.0), axis=-1)
+    lp = np.asarray(lp, np.float64)
+    raw = mt.match(lp, top_k=3)
+    hot = mt.match(lp, top_k=3, temperature=temperature, min_probability=0.0)
+    np.testing.assert_array_equal(hot.assignment, raw.assignment)
+    np.testing.assert_array_equal(hot.candidates, raw.candidates)
+    expected = mt.row_softmax(lp[:, :-1] / temperature)
+    rows = np.arange(7)
+    np.testing.assert_allclose(hot.probability, expected[rows, hot.assignment], rtol=1e-12)
+    np.testing.assert_allclose(
+        hot.candidate_probs, np.take_along_axis(expected, hot.candidates, 1), rtol=1e-12
+    )
+    np.testing.assert_allclose(hot.outlier_probability, raw.outlier_probability)
+    # T > 1 flattens: the top probability of every row goes down (T < 1: up).
+    assert ((hot.candidate_probs[:, 0] < raw.candidate_probs[:, 0]) == (temperature > 1)).all()
+    dev = mt.match_batch_device(
+        lp[None], np.ones((1, 8), bool), np.ones((1, 7), bool), top_k=3, temperature=temperature
+    )
+    np.testing.assert_allclose(np.asarray(dev["probability"])[0], hot.probability, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dev["candidate_probs"])[0], hot.candidate_probs, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="temperature"):
+        mt.match_batch_device(lp[None], np.ones((1, 8), bool), np.ones((1, 7), bool), temperature=0)

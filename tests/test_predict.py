@@ -433,3 +433,39 @@ def test_match_on_is_validated(model, demo):
         fd.predict(model, template, test, match_on="gpu")
     with pytest.raises(ValueError, match="color_weight"):
         fd.predict(model, template, test, use_color=True, color_weight=-1.0, match_on="device")
+
+
+def test_model_temperature_reaches_predictions_and_survives_save_load(tmp_path, demo):
+    """Model.temperature: probabilities softened on host and device paths, assignment unchanged;
+    saved with the weights; files without it load at 1; the bundled models carry theirs (> 1)."""
+    from fdnc_jax.checkpoint import CheckpointError, load_weights, save_weights
+
+    model = fd.load_pretrained("small")
+    template, test = demo
+    raw = fd.predict(model.with_temperature(1.0), template, test, orientation="fixed")
+    for match_on in ("host", "device"):
+        soft = fd.predict(
+            model.with_temperature(3.0), template, test, orientation="fixed", match_on=match_on
+        )
+        same = soft.assignment == raw.assignment
+        assert same.mean() > 0.97
+        rows = (soft.candidates[:, 0] == raw.candidates[:, 0]) & (raw.candidate_probs[:, 0] > 0)
+        assert rows.mean() > 0.97  # each row's best candidate, now less certain
+        assert (soft.candidate_probs[rows, 0] <= raw.candidate_probs[rows, 0] + 1e-6).all()
+        top = (soft.assignment >= 0) & same
+        assert soft.probability[top].mean() < raw.probability[top].mean()
+    path = tmp_path / "w.npz"
+    save_weights(model.with_temperature(2.0), path)
+    assert load_weights(path).temperature == 2.0
+    arrays = dict(np.load(path))
+    del arrays["__temperature__"]  # a file written before temperatures existed
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert load_weights(tmp_path / "old.npz").temperature == 1.0
+    arrays["__temperature__"] = np.asarray(-1.0)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CheckpointError, match="temperature"):
+        load_weights(tmp_path / "bad.npz")
+    assert fd.load_pretrained("default").temperature > 1
+    assert fd.load_pretrained("color").temperature > 1
+    with pytest.raises(ValueError, match="temperature"):
+        model.with_temperature(0.0)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fdnc_jax.matching import check_temperature
 from fdnc_jax.model.layers import (
     EncoderBlock,
     PointEmbedding,
@@ -186,6 +187,9 @@ class Model:
       matmul_dtype: "float32" (default) or "bfloat16": the operand type of the encoder's matrix
         products — a label set by ``with_matmul_dtype``, which changes the graph (passing it to
         the constructor changes nothing else).
+      temperature: T > 0 of the reported probabilities: ``predict`` takes the row softmax of its
+        scores divided by T (1: the network's own; fitted on labelled pairs to calibrate them,
+        ``with_temperature``). The assignment does not depend on it.
 
     Example:
       >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
@@ -199,6 +203,7 @@ class Model:
     config: ModelConfig
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     matmul_dtype: str = "float32"
+    temperature: float = 1.0
 
     @classmethod
     def create(
@@ -283,6 +288,29 @@ class Model:
             self, graphdef=graphdef, params=params, other=other, matmul_dtype=matmul_dtype
         )
 
+    def with_temperature(self, temperature: float) -> Model:
+        """A copy whose reported probabilities use ``temperature`` (same network and assignments).
+
+        Probabilities are ``softmax(scores / T)`` per test neuron, scores = network log-probs (+ the
+        color term); T > 1 softens over-confident probabilities. The bundled models carry a T
+        fitted on labelled real pairs (MODEL_CARD.md); ``with_temperature(1.0)`` gives the raw ones.
+
+        Args:
+          temperature: finite T > 0.
+
+        Returns:
+          The new Model (this one is unchanged).
+
+        Raises:
+          ValueError: T not finite or ≤ 0.
+
+        Example:
+          >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+          >>> model.with_temperature(2.0).temperature
+          2.0
+        """
+        return dataclasses.replace(self, temperature=check_temperature(temperature))
+
     def module(self, params: Any | None = None) -> FDNC:
         """The NNX module with ``params`` (default: this model's).
 
@@ -321,4 +349,7 @@ class Model:
 
     def __repr__(self) -> str:
         dtype = "" if self.matmul_dtype == "float32" else f", matmul_dtype={self.matmul_dtype!r}"
-        return f"Model({self.config}, params={self.num_params:,}, info={dict(self.info)}{dtype})"
+        temp = "" if self.temperature == 1.0 else f", temperature={self.temperature:g}"
+        return (
+            f"Model({self.config}, params={self.num_params:,}, info={dict(self.info)}{dtype}{temp})"
+        )
