@@ -41,8 +41,8 @@ SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 102
 # predict_batch runs at most this many volumes per call (a power of two ≤ it). On an H100 the
 # paper-size forward ran at 0.7 k volumes/s in calls of 1, 13.5 k in calls of 64, 18.6 k in calls of
 # 1,024; the device matching (a sequential Hungarian, launch-bound) at 1.1 k / 3.2 k / 9.2 k / 12.3 k
-# volumes/s in calls of 256 / 1,024 / 4,096 / 16,384, so predict_batch of 4,096 volumes ran at 970,
-# 2,360 and 3,210 volumes/s with chunks of 256, 1,024 and 2,048.
+# volumes/s in calls of 256 / 1,024 / 4,096 / 16,384, so predict_batch of 4,096 volumes ran at 971,
+# 2,359 and 3,212 volumes/s with chunks of 256, 1,024 and 2,048.
 BATCH_CHUNK = 2048
 # On accelerators a chunk keeps its attention logits, weights and feed-forward activations (an
 # overestimate: 9 MB per volume of 150 + 150 neurons, where XLA used ~6.6 MB) under a third of the
@@ -52,8 +52,9 @@ ACCELERATOR_CHUNK_BYTES = 4 << 30
 MATCH_ON = ("auto", "host", "device")
 # match_on="auto" matches on the device only for at least this many (volume, orientation) rows: the
 # device Hungarian's cost per call hardly depends on the batch, so small batches are faster on the
-# host (H100, one pair with the 4-way orientation search: 460 ms on the device, ~15 ms on the host;
-# 256 volumes: 876 vs 858 volumes/s; 1,024: 930 vs 795).
+# host (H100: one pair with the 4-way orientation search took 460 ms with device matching, where
+# one host assignment took 2.4 ms; predict_batch of 256 volumes 876 vs 858 volumes/s, of 1,024 930 vs
+# 795 with chunks of 256).
 DEVICE_MATCH_MIN_ROWS = 1024
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
