@@ -17,10 +17,13 @@ Hungarian step: a random network's near-uniform scores make it ~15x slower than 
    (``fdnc_jax.matching.match``: Hungarian, softmax, top-5). Position only (no color term) on both
    sides. The two are timed in alternating blocks, so background load hits both alike; the median
    of ``ROUNDS`` runs each after warm-up is reported (and the minimum).
-2. Batched throughput (volumes/s) with 150-neuron synthetic clouds at batch 1, 16, 64, 256:
-   ``predict_batch`` (forward + matching of every volume: on the host on CPU, on the device on a
-   GPU, where the host-matching figure is printed too), the raw jitted forward alone (float32 and
-   bfloat16 products), and the torch forward alone.
+2. Batched throughput (volumes/s) with 150-point volumes at batch 1, 16, 64, 256 (GPU: up to 4,096):
+   semi-synthetic copies of one animal (``tracking_volumes``), so the scores are as peaked as in
+   tracking. ``predict_batch`` (forward + matching of every volume; ``match_on="auto"``: on the host,
+   on the device on a GPU from ``DEVICE_MATCH_MIN_ROWS`` volumes, where the host-matching figure is
+   printed too), the raw jitted forward alone (float32 and bfloat16 products), and the torch forward
+   alone. On a GPU also the device matching alone by batch and ``predict_batch`` of 4,096 volumes by
+   chunk size (``accelerator_sweep``).
 
 Notes from profiling on this project's 2-core AVX-512/AMX Xeon:
 - The paper-size forward of ~400 tokens is ~3 GFLOP; float32 on both sides. The attention's masked
