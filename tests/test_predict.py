@@ -402,6 +402,33 @@ def test_orientation_score_prefers_a_one_to_one_explanation():
     assert P._orientation_score(diagonal) == pytest.approx(-0.5)
 
 
+def test_orientation_key_prefers_cycle_consistent_hypotheses():
+    """The kept hypothesis is the one whose forward and reverse assignments agree (then the mean
+    log-prob both ways): a confident but inconsistent reverse loses to a consistent one."""
+    import importlib
+
+    P = importlib.import_module("fdnc_jax.predict")
+    outlier = np.full((4, 1), -9.0)
+    diagonal = np.concatenate([np.full((4, 4), -6.0) + np.eye(4) * 5.9, outlier], axis=1)
+    shifted = np.concatenate([np.full((4, 4), -6.0) + np.roll(np.eye(4), 1, 1) * 5.9, outlier], 1)
+    consistent = P._orientation_key(diagonal, diagonal)
+    assert consistent[0] == 1.0
+    assert P._orientation_key(diagonal, shifted)[0] == 0.0  # template i -> test i+1 -> no way back
+    assert consistent > P._orientation_key(diagonal, shifted)
+    soft = np.concatenate([np.full((4, 4), -2.0) + np.eye(4) * 1.0, outlier], axis=1)
+    assert consistent > P._orientation_key(soft, soft)  # same cycle, lower log-prob
+    assert P._orientation_key(soft, soft)[0] == 1.0
+
+
+def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
+    """The two bundled NP animals are in the same canonical pose (the identity flip names 60 and
+    110 of 188 neurons, the 180° turn about the long axis 30 and 99): the search must keep it."""
+    template, test = demo
+    for name in ("default", "color"):
+        pred = fd.predict(fd.load_pretrained(name), template, test, use_color=False)
+        np.testing.assert_array_equal(pred.orientation, [1.0, 1.0, 1.0])
+
+
 @pytest.mark.parametrize("use_color", [False, True])
 def test_device_matching_agrees_with_host(demo, use_color):
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
