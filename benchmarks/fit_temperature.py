@@ -26,6 +26,7 @@ import fdnc_jax as fd
 from fdnc_jax import matching
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template, calibration_bins
+from fdnc_jax.metrics import countable
 
 predict_mod = importlib.import_module("fdnc_jax.predict")
 GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
@@ -38,10 +39,9 @@ def pair_records(model: fd.Model, worms: list[fd.Worm]) -> list[tuple]:
     for ti, template in enumerate(worms):
         tests = [(si, w) for si, w in enumerate(worms) if si != ti]
         log_probs, _ = predict_mod._log_probs(model, template, [w for _, w in tests], signs)
-        names = set(template.names[template.labelled])
         for (si, test), lp in zip(tests, log_probs, strict=True):
             a = matching.match(lp).assignment
-            counted = test.labelled & np.isin(test.names, list(names))
+            counted = countable(template, test)
             correct = (a >= 0) & (template.names[np.maximum(a, 0)] == test.names)
             records.append((ti, si, lp[:, :-1], a, correct, counted))
     return records
@@ -86,11 +86,15 @@ def main() -> None:
         for fit, held in (halves, halves[::-1]):
             on = lambda s: [r for r in records if r[0] in s and r[1] in s]  # noqa: E731
             best = min(GRID, key=lambda t: ece(on(fit), t))
-            print(f"  fold: T={best:g} chosen on {len(fit)} animals; ECE on the other "
-                  f"{len(held)}: {ece(on(held), 1.0):.3f} raw -> {ece(on(held), best):.3f}")
+            print(
+                f"  fold: T={best:g} chosen on {len(fit)} animals; ECE on the other "
+                f"{len(held)}: {ece(on(held), 1.0):.3f} raw -> {ece(on(held), best):.3f}"
+            )
     best = min(GRID, key=lambda t: ece(records, t))
-    print(f"fit_temperature weights={args.weights} lab={args.lab} T={best:g} "
-          f"ece_raw={ece(records, 1.0):.4f} ece={ece(records, best):.4f}")
+    print(
+        f"fit_temperature weights={args.weights} lab={args.lab} T={best:g} "
+        f"ece_raw={ece(records, 1.0):.4f} ece={ece(records, best):.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from fdnc_jax import matching
 from fdnc_jax.atlas import anatomical_handedness
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template
+from fdnc_jax.metrics import name_accuracy
 
 predict_mod = importlib.import_module("fdnc_jax.predict")
 
@@ -40,23 +41,16 @@ predict_mod = importlib.import_module("fdnc_jax.predict")
 def hypothesis_log_probs(model: fd.Model, template: fd.Worm, test: fd.Worm) -> list[np.ndarray]:
     """[M, N + 1] network log-probs of ``test`` under each orientation hypothesis."""
     signs = predict_mod.orientation_hypotheses(model, "auto")
-    found: dict[int, np.ndarray] = {}
-
-    def collect(part, lp_device):
-        lp = np.asarray(lp_device)
-        for j, (_, h) in enumerate(part):
-            found[h] = np.concatenate([lp[j, : test.n, : template.n], lp[j, : test.n, -1:]], 1)
-
-    chunks = predict_mod._forward_chunks(model, template, [test], signs)
-    predict_mod._pipelined(chunks, lambda part, _, lp: lp, collect)
-    return [found[h] for h in range(len(signs))]
+    found = predict_mod._hypothesis_log_probs(model, template, [test], signs)
+    return [found[0, h] for h in range(len(signs))]
 
 
 def accuracy(template: fd.Worm, test: fd.Worm, assignment: np.ndarray) -> float:
-    """Fraction of the test's named neurons (names the template has) given their own name."""
-    counted = test.labelled & np.isin(test.names, template.names[template.labelled])
-    right = (assignment >= 0) & (template.names[np.maximum(assignment, 0)] == test.names)
-    return float(right[counted].mean())
+    """``metrics.name_accuracy`` of an assignment (template index per test neuron, −1: none)."""
+    correct, counted = name_accuracy(
+        template, test, predict_mod._labels_of(template.names, assignment)
+    )
+    return correct / counted
 
 
 def criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict[str, np.ndarray]:

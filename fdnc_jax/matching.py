@@ -533,7 +533,7 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
     return _assign_batch(scores, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "score_network"))
+@functools.partial(jax.jit, static_argnames=("top_k",))
 def _match_batch_device(
     log_probs,
     template_mask,
@@ -544,7 +544,6 @@ def _match_batch_device(
     temperature,
     *,
     top_k,
-    score_network,
 ):
     n = log_probs.shape[-1] - 1
     pair_ok = template_mask[:, None, :] & test_mask[:, :, None]  # [B, M, N]
@@ -569,22 +568,13 @@ def _match_batch_device(
     candidate_probs = jnp.where(test_mask[..., None], take(probs, candidates), 0.0)
     candidates = jnp.where(test_mask[..., None], candidates, NO_LABEL)
     outlier = jnp.where(test_mask, jnp.exp(log_probs[..., n]), 0.0)
-    out = {
+    return {
         "assignment": assignment,
         "probability": probability,
         "candidates": candidates,
         "candidate_probs": candidate_probs,
         "outlier_probability": outlier,
     }
-    if score_network:  # Mean log-prob of the network-only one-to-one assignment.
-        net_assign = (
-            assignment if template_color is None else jax.vmap(_assign_one)(network, test_mask)
-        )
-        net_has = net_assign >= 0
-        picked = take(network, jnp.maximum(net_assign, 0)[..., None])[..., 0]
-        total = jnp.sum(jnp.where(net_has, picked, 0.0), axis=-1)
-        out["network_score"] = total / jnp.maximum(jnp.sum(net_has, axis=-1), 1)
-    return out
 
 
 def match_batch_device(
@@ -596,7 +586,6 @@ def match_batch_device(
     test_color: ArrayLike | None = None,
     color_weight: float = DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
-    score_network: bool = False,
     temperature: float = 1.0,
 ) -> dict[str, jax.Array]:
     """:func:`match` for a padded batch, entirely on the device (jit; ``optax`` Hungarian).
@@ -615,14 +604,12 @@ def match_batch_device(
       test_color: optional [B, M, 3] normalised colors (give both or neither).
       color_weight: weight of the color term.
       top_k: K candidates per test neuron (≤ real template neurons).
-      score_network: also return ``network_score`` [B]: the mean network log-prob of the one-to-one
-        assignment of the network scores alone (the orientation criterion of ``predict``).
       temperature: T > 0 of the probabilities (softmax of scores / T), as :func:`match`.
 
     Returns:
       dict of device arrays: ``assignment`` [B, M] int32 (−1: none), ``probability`` [B, M],
       ``candidates`` [B, M, K] int32, ``candidate_probs`` [B, M, K], ``outlier_probability``
-      [B, M] (and ``network_score`` [B]); padded test rows get −1 / 0.
+      [B, M]; padded test rows get −1 / 0.
 
     Example:
       >>> lp = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]]))
@@ -650,7 +637,6 @@ def match_batch_device(
         jnp.float32(color_weight),
         jnp.float32(check_temperature(temperature)),
         top_k=int(top_k),
-        score_network=bool(score_network),
     )
 
 

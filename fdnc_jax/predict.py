@@ -347,16 +347,8 @@ def _reverse_log_probs(
     """The reverse direction of every hypothesis: [N, M + 1] log-probs of the template's neurons
     matched to the test, the test as template and the template flipped by ``signs[h]`` — the same
     relative pose as hypothesis h (each flip is its own inverse)."""
-    found: dict[int, np.ndarray] = {}
-
-    def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
-        lp = np.asarray(lp_device)
-        for j, (_, h) in enumerate(part):
-            n = template.n
-            found[h] = np.concatenate([lp[j, :n, : test.n], lp[j, :n, -1:]], axis=1)
-
-    _pipelined(_forward_chunks(model, test, [template], signs), lambda part, _, lp: lp, collect)
-    return [found[h] for h in range(len(signs))]
+    found = _hypothesis_log_probs(model, test, [template], signs)
+    return [found[0, h] for h in range(len(signs))]
 
 
 def _orientation_key(forward: np.ndarray, reverse: np.ndarray) -> tuple[float, float]:
@@ -455,11 +447,11 @@ def _pipelined(chunks, dispatch, collect) -> None:
         collect(*pending)
 
 
-def _log_probs(
+def _hypothesis_log_probs(
     model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Network log-probs [M_i, N + 1] per test worm (unpadded) under its best orientation
-    hypothesis (one of ``signs`` [K, 3]), batched per bucket; and the chosen hypothesis per test."""
+) -> dict[tuple[int, int], np.ndarray]:
+    """Network log-probs [M_i, N + 1] (unpadded) of every test worm i under every orientation
+    hypothesis h (``signs`` [K, 3]), keyed ``(i, h)``; batched per bucket and chunk."""
     found: dict[tuple[int, int], np.ndarray] = {}
 
     def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
@@ -469,6 +461,15 @@ def _log_probs(
             found[i, h] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
 
     _pipelined(_forward_chunks(model, template, tests, signs), lambda part, _, lp: lp, collect)
+    return found
+
+
+def _log_probs(
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Network log-probs [M_i, N + 1] per test worm (unpadded) under its best orientation
+    hypothesis (one of ``signs`` [K, 3]), batched per bucket; and the chosen hypothesis per test."""
+    found = _hypothesis_log_probs(model, template, tests, signs)
     chosen = _choose_orientations(model, template, tests, signs, found)
     return [found[i, h] for i, h in enumerate(chosen)], chosen
 
