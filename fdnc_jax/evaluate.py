@@ -912,8 +912,7 @@ def evaluate_semisynthetic(
                 assign = np.asarray(matching.hungarian_assignment_batch(scores, valid))
                 sec += time.perf_counter() - t0
                 warm.add("f")
-                probs = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-                probs /= probs.sum(axis=-1, keepdims=True)  # [b, M, N]
+                probs = matching.row_softmax(scores / model.temperature)  # [b, M, N], as predict
                 order = np.argsort(-scores, axis=-1)[..., : max(TOP_K)]
                 extra = {"probs": probs, "order": order}
             elif method == "cpd":

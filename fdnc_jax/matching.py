@@ -275,23 +275,23 @@ class Matching:
 
 
 def row_softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over each row; rows without a finite entry give all zeros.
+    """Softmax over each row (the last axis); rows without a finite entry give all zeros.
 
     Args:
-      scores: [M, N] scores; ``-inf`` entries get probability 0.
+      scores: [..., M, N] scores; ``-inf`` entries get probability 0.
 
     Returns:
-      [M, N] float64 probabilities, each row summing to 1 (or all 0).
+      [..., M, N] float64 probabilities, each row summing to 1 (or all 0).
 
     Example:
       >>> row_softmax(np.array([[0.0, 0.0, -np.inf], [-np.inf, -np.inf, -np.inf]])).tolist()
       [[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]
     """
-    row_max = np.max(scores, axis=1, keepdims=True, initial=-np.inf)
+    row_max = np.max(scores, axis=-1, keepdims=True, initial=-np.inf)
     finite_row = np.isfinite(row_max)
     shifted = np.where(np.isfinite(scores), scores - np.where(finite_row, row_max, 0.0), -np.inf)
     e = np.exp(shifted)
-    total = e.sum(axis=1, keepdims=True)
+    total = e.sum(axis=-1, keepdims=True)
     return np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
 
 

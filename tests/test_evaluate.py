@@ -18,7 +18,7 @@ from cli_process import run_cli
 from matplotlib.figure import Figure
 
 from fdnc_jax import evaluate as ev
-from fdnc_jax import plots
+from fdnc_jax import matching, plots
 from fdnc_jax.io import save_worm
 from fdnc_jax.model.fdnc import Model, ModelConfig
 from fdnc_jax.predict import predict
@@ -252,6 +252,30 @@ def test_tracking(model):
     )
     assert [r["test"] for r in by_index.records] == ["vol1", "vol2"]
     assert all(r["counted"] == N for r in by_index.records)
+
+
+def test_semisynthetic_confidence_uses_the_model_temperature(model):
+    """Semi-synthetic pairs report the probabilities predict would (softmax of scores / T): the
+    same assignments, softer confidences at T = 4."""
+    worms = [_worm(i) for i in range(2)]
+    run = lambda m: ev.evaluate_semisynthetic(
+        m, worms, num_pairs=3, methods=("fdnc",), progress=False
+    )  # noqa: E731
+    raw, soft = run(model.with_temperature(1.0)), run(model.with_temperature(4.0))
+    assert [r["accuracy"] for r in raw.records] == [r["accuracy"] for r in soft.records]
+    p_raw = np.concatenate([p for p, _ in raw.confidence["fdnc"]])
+    p_soft = np.concatenate([p for p, _ in soft.confidence["fdnc"]])
+    assert p_soft.mean() < p_raw.mean()
+
+
+def test_row_softmax_over_the_last_axis_of_a_batch():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(3, 4, 5))
+    scores[1, 2] = -np.inf  # a padding row
+    batched = matching.row_softmax(scores)
+    for b in range(3):
+        np.testing.assert_array_equal(batched[b], matching.row_softmax(scores[b]))
+    assert (batched[1, 2] == 0).all()
 
 
 def test_semisynthetic(model):
