@@ -16,8 +16,8 @@
 #   leaves after the benchmark), BASE_CONFIG (default configs/default.py),
 #   VARIANTS (default "paper canon real color"), BENCH (1: run the benchmarks at the end), WHEELS (a
 #   folder of wheels to use when the installed flax/optax/orbax fail the smoke run), BENCH_FIRST (1:
-#   predict_bench before the training, within PREDICT_CAP seconds; simulate_bench after it only if
-#   time is left), FROM_SHIPPED
+#   matching_bench (MATCHING_CAP seconds) and predict_bench (PREDICT_CAP seconds) before the
+#   training; simulate_bench after it only if time is left), FROM_SHIPPED
 #   (1: the real and color variants start from the bundled "default" / "color" weights —
 #   train.init_weights — so a new session continues their training instead of starting over).
 # Results in $OUT: <variant>.npz (best weights), logs.tar.gz (metrics, logs), session.log.
@@ -36,6 +36,7 @@ PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/fdnc_gpu_session}
 DEADLINE=${DEADLINE:-570}  # seconds after the start: the benchmarks (run last) end by then
 SIMULATE_CAP=${SIMULATE_CAP:-90}
+MATCHING_CAP=${MATCHING_CAP:-90}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,7 +84,13 @@ predict_bench() {
   timeout "$cap" $PY benchmarks/predict_bench.py > "$WORK/predict_bench.txt" 2>&1
   grep -v -i warning "$WORK/predict_bench.txt"
 }
+matching_bench() {
+  say "matching_bench (${MATCHING_CAP}s at most)"
+  timeout "$MATCHING_CAP" $PY benchmarks/matching_bench.py > "$WORK/matching_bench.txt" 2>&1
+  grep -v -i warning "$WORK/matching_bench.txt"
+}
 if [ "$BENCH" = 1 ] && [ "$BENCH_FIRST" = 1 ]; then
+  matching_bench
   predict_bench "$PREDICT_CAP"
   TRAIN_MINUTES=$($PY -c "print(round(max(0.5, min($TRAIN_MINUTES, ($(left) - $TRAIN_OVERHEAD) / 60)), 2))")
 fi
@@ -126,6 +133,7 @@ if [ "$BENCH" = 1 ] && [ "$(left)" -gt 30 ]; then
   grep -v -i warning "$WORK/simulate_bench.txt"
 fi
 if [ "$BENCH" = 1 ] && [ "$BENCH_FIRST" != 1 ] && [ "$(left)" -gt 30 ]; then
+  matching_bench
   predict_bench "$(left)"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='checkpoints' --exclude='site*' --exclude='smoke' .

@@ -22,8 +22,8 @@ Hungarian step: a random network's near-uniform scores make it ~15x slower than 
    tracking. ``predict_batch`` (forward + matching of every volume; ``match_on="auto"``: on the host,
    on the device on a GPU from ``DEVICE_MATCH_MIN_ROWS`` volumes, where the host-matching figure is
    printed too), the raw jitted forward alone (float32 and bfloat16 products), and the torch forward
-   alone. On a GPU also the device matching alone by batch and ``predict_batch`` of 4,096 volumes by
-   chunk size (``accelerator_sweep``).
+   alone. On a GPU also ``predict_batch`` of 4,096 volumes by chunk size and device matching solver
+   (``accelerator_sweep``; the matching alone: ``matching_bench.py``).
 
 Notes from profiling on this project's 2-core AVX-512/AMX Xeon:
 - The paper-size forward of ~400 tokens is ~3 GFLOP; float32 on both sides. The attention's masked
@@ -62,18 +62,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fdnc_jax as fd  # noqa: E402
 from fdnc_jax import matching  # noqa: E402
-from fdnc_jax.sim.config import SimConfig  # noqa: E402
-from fdnc_jax.sim.pairs import make_source_bank, synthesize  # noqa: E402
-from fdnc_jax.worm import from_model_units, to_model_units  # noqa: E402
+from fdnc_jax.worm import to_model_units  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
+from volumes import BATCH_NEURONS, tracking_volumes  # noqa: E402
 
 predict_mod = importlib.import_module("fdnc_jax.predict")  # The module; fd.predict is a function.
 
@@ -82,7 +80,6 @@ BLOCKS = 3
 WARMUP = 3
 BATCHES = (1, 16, 64, 256)
 GPU_BATCHES = (1, 16, 64, 256, 1024, 4096)
-BATCH_NEURONS = 150
 MIN_SECONDS = 2.0  # Per throughput cell: repeat until this much time (at least 2 runs; 1 s on GPU).
 
 
@@ -94,30 +91,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def tracking_volumes(count: int, n: int = BATCH_NEURONS, seed: int = 0) -> tuple[fd.Worm, list[fd.Worm]]:
-    """A template and ``count`` test volumes of exactly ``n`` points, as in tracking one animal.
-
-    The template is ``n`` neurons of the bundled demo template (µm); each test is a semi-synthetic
-    copy of the whole demo animal (``fdnc_jax.sim.pairs.synthesize``, default simulator: warp,
-    rotation, dropped neurons, outlier points, bend, scale, shear, jitter), of which the first ``n``
-    valid points (in shuffled order) are kept. The network's scores on such volumes are as peaked as
-    on real ones, which matters for the Hungarian step (a random cloud's near-uniform scores make it
-    several times slower)."""
-    source, _ = fd.load_demo_pair()
-    bank = make_source_bank([source])
-    synth = jax.jit(jax.vmap(synthesize, in_axes=(0, None, None, None, None)), static_argnums=4)
-    tests: list[fd.Worm] = []
-    key = jax.random.key(seed)
-    while len(tests) < count:
-        key, sub = jax.random.split(key)
-        xyz, mask, _, _ = jax.device_get(
-            synth(jax.random.split(sub, 256), bank.xyz[0], bank.mask[0], None, SimConfig()))
-        for x, m in zip(xyz, mask, strict=True):
-            if m.sum() >= n and len(tests) < count:
-                tests.append(fd.Worm(xyz_um=from_model_units(x[m][:n], np.zeros(3))))
-    return fd.Worm(xyz_um=source.xyz_um[:n]), tests
 
 
 def timed(fn) -> float:
@@ -157,41 +130,28 @@ def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
     return canonical_pose(xyz), torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
 
 
-def accelerator_sweep(model, template, worms, forward, t_xyz, t_mask, size) -> None:
-    """GPU only: the device matching alone at growing batch sizes, and ``predict_batch`` end to end
-    by chunk size (``BATCH_CHUNK``; the memory bound lifted)."""
+def accelerator_sweep(model, template, worms) -> None:
+    """GPU only: ``predict_batch`` end to end by chunk size (``BATCH_CHUNK``; the memory bound
+    lifted) and device matching solver (``DEVICE_SOLVER``). The matching alone, by batch and
+    solver: ``benchmarks/matching_bench.py``."""
     n = len(worms)
-    inputs = [predict_mod._model_inputs(w, size, False) for w in worms]
-    s_xyz, s_mask = (np.stack([x[j] for x in inputs]) for j in (0, 1))
-    lp = jnp.concatenate([
-        forward(model.params, t_xyz, t_mask, s_xyz[i:i + 256], s_mask[i:i + 256], None, None,
-                np.ones((len(s_xyz[i:i + 256]), 3), np.float32)) for i in range(0, n, 256)])
-    print(f"\ndevice matching alone (matching.match_batch_device, top-5, {n} distinct volumes "
-          "tiled), volumes/s", flush=True)
-    for b in (256, 1024, 4096, 16384):
-        reps = -(-b // n)
-        lp_b = jnp.tile(lp, (reps, 1, 1))[:b]
-        s_mask_b = jnp.tile(jnp.asarray(s_mask), (reps, 1))[:b]
-        t_mask_b = jnp.broadcast_to(jnp.asarray(t_mask), (b, size))
-        try:
-            rate = throughput(lambda lp_b=lp_b, t_mask_b=t_mask_b, s_mask_b=s_mask_b:
-                              jax.block_until_ready(matching.match_batch_device(
-                                  lp_b, t_mask_b, s_mask_b, top_k=5)), b)
-            print(f"{b:>6} {rate:>12.1f}", flush=True)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
-            print(f"{b:>6} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    print(f"\npredict_batch end to end, {n} volumes, by chunk size (volumes/s)", flush=True)
-    defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget
+    print(f"\npredict_batch end to end, {n} volumes, by chunk size and device solver (volumes/s)",
+          flush=True)
+    defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget, predict_mod.DEVICE_SOLVER
     predict_mod._accelerator_budget = lambda: 64 << 30  # the chunk alone decides
-    for chunk in (256, 512, 1024, 2048):
+    for chunk in (256, 1024, 2048, 4096):
         predict_mod.BATCH_CHUNK = chunk
-        try:
-            rate = throughput(lambda: fd.predict_batch(
-                model, template, worms, use_color=False, orientation="fixed"), n)
-            print(f"  chunk {chunk:>5}: {rate:>9.1f}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  chunk {chunk:>5}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget = defaults
+        line = f"  chunk {chunk:>5}:"
+        for solver in matching.DEVICE_SOLVERS:
+            predict_mod.DEVICE_SOLVER = solver
+            try:
+                rate = throughput(lambda: fd.predict_batch(
+                    model, template, worms, use_color=False, orientation="fixed"), n)
+                line += f"  {solver} {rate:>9.1f}"
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
+                line += f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
+        print(line, flush=True)
+    predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget, predict_mod.DEVICE_SOLVER = defaults
 
 
 def main() -> None:
@@ -320,7 +280,7 @@ def main() -> None:
         print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {raw_bf16:>13.1f} {tf:>14.1f} {raw / tf:>9.2f}x "
               f"{pb / tf:>9.2f}x" + note, flush=True)
     if ON_GPU:
-        accelerator_sweep(model, b_template, worms, forward, t_xyz, t_mask, size)
+        accelerator_sweep(model, b_template, worms)
     print(f"\n{'single pair (ms)':<26} {'jax':>8} {'torch':>8} {'speedup':>8}")
     print(f"{'end to end, median':<26} {jax_med:>8.2f} {torch_med:>8.2f} "
           f"{torch_med / jax_med:>7.2f}x")

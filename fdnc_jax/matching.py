@@ -14,8 +14,9 @@ very negative number). Inference, following the reference code of Yu et al. (eLi
 
 :func:`match` runs on the host (``scipy.optimize.linear_sum_assignment``) for one pair;
 :func:`match_batch_device` does the same for a padded batch on the device (``predict_batch`` on
-accelerators); :func:`hungarian_assignment_batch` / :func:`hungarian_accuracy_batch` run a batch on
-the device with ``optax.assignment.hungarian_algorithm`` (jit + vmap) for evaluation in training.
+accelerators; ``optax``'s Hungarian or the parallel auction of :mod:`fdnc_jax.auction`);
+:func:`hungarian_assignment_batch` / :func:`hungarian_accuracy_batch` run a batch on the device
+with ``optax.assignment.hungarian_algorithm`` (jit + vmap) for evaluation in training.
 
 Letters used in shapes: B batch, M test neurons, N template neurons, K top-k candidates,
 C color channels. Template index ``-1`` means "no label" everywhere.
@@ -32,6 +33,8 @@ import numpy as np
 import optax
 from numpy.typing import ArrayLike
 from scipy.optimize import linear_sum_assignment
+
+from fdnc_jax import auction
 
 __all__ = [
     "Matching",
@@ -533,7 +536,25 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
     return _assign_batch(scores, valid)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",))
+DEVICE_SOLVERS = ("hungarian", "auction")
+
+
+def _assign_device(scores: jax.Array, valid: jax.Array, solver: str) -> jax.Array:
+    """[B, M] one-to-one assignment of [B, M, N] scores with ``solver`` (see
+    :func:`match_batch_device`). The auction's problems that did not finish within its round bound
+    (score ties can take long) are solved again with the Hungarian algorithm — a real branch (the
+    predicate is one scalar), taken only when needed."""
+    if solver == "hungarian":
+        return jax.vmap(_assign_one)(scores, valid)
+    assignment, converged, _ = auction.auction_batch(scores, valid)  # [B, M], [B]
+    return jax.lax.cond(
+        jnp.all(converged),
+        lambda: assignment,
+        lambda: jnp.where(converged[:, None], assignment, jax.vmap(_assign_one)(scores, valid)),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "solver"))
 def _match_batch_device(
     log_probs,
     template_mask,
@@ -544,6 +565,7 @@ def _match_batch_device(
     temperature,
     *,
     top_k,
+    solver,
 ):
     n = log_probs.shape[-1] - 1
     pair_ok = template_mask[:, None, :] & test_mask[:, :, None]  # [B, M, N]
@@ -556,7 +578,7 @@ def _match_batch_device(
         y = jnp.maximum(test_color, COLOR_FLOOR)  # [B, M, 3]
         color = jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
         scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
-    assignment = jax.vmap(_assign_one)(scores, test_mask)  # [B, M]
+    assignment = _assign_device(scores, test_mask, solver)  # [B, M]
     has = assignment >= 0
     row_ok = jnp.any(jnp.isfinite(scores), axis=-1, keepdims=True)  # [B, M, 1]
     probs = jax.nn.softmax(jnp.where(row_ok, scores / temperature, 0.0), axis=-1)
@@ -587,8 +609,9 @@ def match_batch_device(
     color_weight: float = DEFAULT_COLOR_WEIGHT,
     top_k: int = 5,
     temperature: float = 1.0,
+    solver: str = "hungarian",
 ) -> dict[str, jax.Array]:
-    """:func:`match` for a padded batch, entirely on the device (jit; ``optax`` Hungarian).
+    """:func:`match` for a padded batch, entirely on the device (jit).
 
     For accelerators, where a host loop of scipy assignments would cap throughput: only the
     compact results ([B, M] and [B, M, K]) travel back. On a CPU :func:`match` is faster.
@@ -605,6 +628,10 @@ def match_batch_device(
       color_weight: weight of the color term.
       top_k: K candidates per test neuron (≤ real template neurons).
       temperature: T > 0 of the probabilities (softmax of scores / T), as :func:`match`.
+      solver: the one-to-one assignment: "hungarian" (``optax.assignment.hungarian_algorithm``,
+        exact, rows augmented one after another) or "auction" (:mod:`fdnc_jax.auction`: all rows
+        of all volumes bid in parallel; total score within ``auction.DEFAULT_TOLERANCE`` of the
+        optimum; problems it does not finish go to the Hungarian).
 
     Returns:
       dict of device arrays: ``assignment`` [B, M] int32 (−1: none), ``probability`` [B, M],
@@ -621,6 +648,8 @@ def match_batch_device(
         raise ValueError("give both template_color and test_color or none")
     if not np.isfinite(color_weight) or color_weight < 0:
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
+    if solver not in DEVICE_SOLVERS:
+        raise ValueError(f"solver must be one of {DEVICE_SOLVERS}, got {solver!r}")
     n_valid = int(np.min(np.sum(np.asarray(template_mask), axis=-1), initial=np.iinfo(int).max))
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
         raise ValueError(f"top_k must be an int, got {type(top_k).__name__}")
@@ -637,6 +666,7 @@ def match_batch_device(
         jnp.float32(color_weight),
         jnp.float32(check_temperature(temperature)),
         top_k=int(top_k),
+        solver=solver,
     )
 
 

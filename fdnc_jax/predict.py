@@ -56,6 +56,12 @@ MATCH_ON = ("auto", "host", "device")
 # one host assignment took 2.4 ms; predict_batch of 256 volumes 876 vs 858 volumes/s, of 1,024 930 vs
 # 795 with chunks of 256).
 DEVICE_MATCH_MIN_ROWS = 1024
+# The device matching's assignment solver (``matching.DEVICE_SOLVERS``). The parallel auction
+# (``fdnc_jax.auction``) replaces the sequential row loop by ~500–1,000 rounds of [16, N] work per
+# volume, all volumes at once; on a 2-core CPU it is slower than the Hungarian (60 vs 141 volumes/s,
+# 128 tracking volumes), and it has not yet been timed on a GPU, so the measured Hungarian stays the
+# default (``benchmarks/predict_bench.py`` times both on accelerators).
+DEVICE_SOLVER = "hungarian"
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
 # weights and the feed-forward hidden layer, per volume) under this size: measured best on a 2-core
@@ -507,6 +513,7 @@ def _device_predictions(
             color_weight=color_weight,
             top_k=top_k,
             temperature=model.temperature,
+            solver=DEVICE_SOLVER,
             **colors,
         )
 

@@ -21,6 +21,7 @@ DOCUMENTED = [
     "fdnc_jax.worm",
     "fdnc_jax.io",
     "fdnc_jax.matching",
+    "fdnc_jax.auction",
     "fdnc_jax.metrics",
     "fdnc_jax.pose",
     "fdnc_jax.cpd",

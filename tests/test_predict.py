@@ -429,8 +429,10 @@ def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
         np.testing.assert_array_equal(pred.orientation, [1.0, 1.0, 1.0])
 
 
+@pytest.mark.parametrize("solver", ["hungarian", "auction"])
 @pytest.mark.parametrize("use_color", [False, True])
-def test_device_matching_agrees_with_host(demo, use_color):
+def test_device_matching_agrees_with_host(demo, use_color, solver, monkeypatch):
+    monkeypatch.setattr(predict_mod, "DEVICE_SOLVER", solver)
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
     template, test = demo
     rng = np.random.default_rng(0)
