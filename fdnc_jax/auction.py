@@ -53,8 +53,10 @@ DEFAULT_TOLERANCE = 1e-2
 # ε starts at this fraction of the score range and shrinks by EPS_FACTOR per phase.
 EPS_START = 0.01
 EPS_FACTOR = 8.0
-# ε never falls below this fraction of the score range: float32 prices must still move.
-EPS_FLOOR = 2.0**-18
+# ε never falls below this fraction of the score range: float32 prices must still move (a price
+# at twice the range has an ulp of 2^-22 of it). With 2^-18 the color term's ~670-wide scores gave
+# the second-best assignment of a real pair (0.002 below the best); tests/test_auction.py.
+EPS_FLOOR = 2.0**-20
 # Rows bidding (and free objects repriced) per round, at most: late rounds have only a few
 # unassigned rows, so a round is [S, N] work instead of [M, N].
 BIDDERS = 16

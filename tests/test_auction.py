@@ -81,8 +81,9 @@ def test_auction_is_epsilon_optimal_with_maximum_cardinality(shape):
 
 
 def test_auction_equals_scipy_on_network_scores():
-    """The bundled model's log-probs on the demo pair (194 × 194, padded; and a 120-neuron subset of
-    the test worm): the very assignment scipy finds."""
+    """The bundled model's log-probs on the demo pair (194 × 194, padded; a 120-neuron subset of
+    the test worm; with the color term, whose range is ~20× larger): the very assignment scipy
+    finds."""
     import fdnc_jax as fd
 
     predict_mod = __import__("importlib").import_module("fdnc_jax.predict")
@@ -90,14 +91,18 @@ def test_auction_equals_scipy_on_network_scores():
     model = fd.load_pretrained()
     found = predict_mod._hypothesis_log_probs(model, template, [test], np.ones((1, 3), np.float32))
     lp = found[0, 0][:, :-1]  # [194, 194]
-    scores = np.full((2, 208, 208), -np.inf, np.float32)
-    valid = np.zeros((2, 208), bool)
+    color = mt.match_scores(
+        found[0, 0], template_color=template.color, test_color=test.color
+    ).astype(np.float32)
+    scores = np.full((3, 208, 208), -np.inf, np.float32)
+    valid = np.zeros((3, 208), bool)
     scores[0, :194, :194], valid[0, :194] = lp, True
     scores[1, :120, :194], valid[1, :120] = lp[:120], True
+    scores[2, :194, :194], valid[2, :194] = color, True
     assign, converged = auction.auction_assignment_batch(scores, valid)
     assert np.asarray(converged).all()
-    for i, rows in enumerate((194, 120)):
-        r, c = linear_sum_assignment(-lp[:rows].astype(np.float64))
+    for i, (s, rows) in enumerate(((lp, 194), (lp, 120), (color, 194))):
+        r, c = linear_sum_assignment(-s[:rows].astype(np.float64))
         want = np.full(208, -1)
         want[r] = c
         np.testing.assert_array_equal(np.asarray(assign)[i], want)
@@ -184,3 +189,37 @@ def test_bad_arguments():
     lp = np.zeros((1, 2, 3), np.float32)
     with pytest.raises(ValueError, match="solver"):
         mt.match_batch_device(lp, valid, valid, top_k=1, solver="greedy")
+
+
+def test_auction_equals_scipy_on_real_color_scores(shared_data):
+    """Real NeuroPAL pairs with the color term (score range ~670): a pair whose second-best
+    assignment is only 0.002 below the best (25 of 194 neurons swapped) came out second best
+    while ε was floored at 2^-18 × the range; with the floor at 2^-20 it is the optimum."""
+    import importlib
+    import warnings
+
+    import fdnc_jax as fd
+    from fdnc_jax.datasets import resolve_worm_files
+    from fdnc_jax.evaluate import _unique_template
+
+    predict_mod = importlib.import_module("fdnc_jax.predict")
+    files = resolve_worm_files(str(shared_data / "data" / "wormnd" / "NP_*.npz"))[:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        template, *tests = [_unique_template(fd.load_worm(p))[0] for p in files]
+    model = fd.load_pretrained()
+    signs = predict_mod.orientation_hypotheses(model, "auto")
+    lps, _ = predict_mod._log_probs(model, template, tests, signs)
+    size = predict_mod.bucket_size(max(template.n, *(t.n for t in tests)))
+    scores = np.full((len(tests), size, size), -np.inf, np.float32)
+    valid = np.zeros((len(tests), size), bool)
+    for i, (lp, test) in enumerate(zip(lps, tests, strict=True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = mt.match_scores(lp, template_color=template.color, test_color=test.color)
+        scores[i, : test.n, : template.n], valid[i, : test.n] = s, True
+    assign, converged = auction.auction_assignment_batch(scores, valid)
+    assert np.asarray(converged).all()
+    for i, test in enumerate(tests):
+        r, c = linear_sum_assignment(-scores[i, : test.n, : template.n].astype(np.float64))
+        np.testing.assert_array_equal(np.asarray(assign)[i, r], c)
