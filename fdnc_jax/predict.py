@@ -195,11 +195,13 @@ def _compiled_forward(model: Model):
     """A jitted forward for ``model``; jax caches one executable per input shape (bucket)."""
 
     def forward(params, t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, s_signs):
-        # One template ([N, 3], [N], [N, C]) for the whole batch of tests ([B, M, ...]).
+        # One template ([N, 3], [N], [N, C]) for the whole batch of tests ([B, M, ...]), or one
+        # template per test ([B, N, ...]: the reverse direction of the orientation search).
         b = s_xyz.shape[0]
-        t_xyz, t_mask = (jnp.broadcast_to(x, (b,) + x.shape) for x in (t_xyz, t_mask))
-        if t_color is not None:
-            t_color = jnp.broadcast_to(t_color, (b,) + t_color.shape)
+        if t_xyz.ndim == 2:
+            t_xyz, t_mask = (jnp.broadcast_to(x, (b,) + x.shape) for x in (t_xyz, t_mask))
+            if t_color is not None:
+                t_color = jnp.broadcast_to(t_color, (b,) + t_color.shape)
         return model.module(params)(
             t_xyz, t_mask, s_xyz, s_mask, t_color, s_color, test_signs=s_signs
         )
@@ -348,13 +350,63 @@ def _mean_assigned(log_probs: np.ndarray, assignment: np.ndarray) -> float:
 
 
 def _reverse_log_probs(
-    model: Model, template: Worm, test: Worm, signs: np.ndarray
-) -> list[np.ndarray]:
-    """The reverse direction of every hypothesis: [N, M + 1] log-probs of the template's neurons
-    matched to the test, the test as template and the template flipped by ``signs[h]`` — the same
-    relative pose as hypothesis h (each flip is its own inverse)."""
-    found = _hypothesis_log_probs(model, test, [template], signs)
-    return [found[0, h] for h in range(len(signs))]
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+) -> dict[tuple[int, int], np.ndarray]:
+    """The reverse direction of every hypothesis h of every test i, keyed ``(i, h)``: [N, M_i + 1]
+    log-probs of the template's neurons matched to test i, test i as template and the template
+    flipped by ``signs[h]`` — the same relative pose as hypothesis h (each flip is its own
+    inverse). Batched: one forward call per chunk of (test, hypothesis) pairs, each with its own
+    template (on an accelerator, one call per test would be launch-bound)."""
+    with_color = bool(model.config.color_features)
+    n_bucket = bucket_size(template.n, "template")
+    s_xyz, s_mask, s_color = _model_inputs(template, n_bucket, with_color, "template")
+    forward = _compiled_forward(model)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for i, t in enumerate(tests):
+        bucket = bucket_size(t.n, f"test worm {i}")
+        groups.setdefault(bucket, []).extend((i, h) for h in range(len(signs)))
+
+    def chunks():
+        for m_bucket, items in groups.items():
+            limit = _max_chunk(model, m_bucket, n_bucket)
+            padded: dict[int, tuple[np.ndarray, ...]] = {}
+            for start in range(0, len(items), limit):
+                part = items[start : start + limit]
+                b = _chunk_size(len(part), limit)
+                t_xyz = np.zeros((b, m_bucket, 3), np.float32)
+                t_mask = np.zeros((b, m_bucket), bool)
+                t_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
+                b_signs = np.ones((b, 3), np.float32)
+                for j, (i, h) in enumerate(part):
+                    if i not in padded:
+                        padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
+                    t_xyz[j], t_mask[j], c = padded[i]
+                    b_signs[j] = signs[h]
+                    if with_color:
+                        t_color[j] = c
+                batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)
+                lp = forward(
+                    model.params,
+                    t_xyz,
+                    t_mask,
+                    batch(s_xyz),
+                    batch(s_mask),
+                    t_color,
+                    batch(s_color),
+                    b_signs,
+                )
+                yield part, None, lp
+
+    found: dict[tuple[int, int], np.ndarray] = {}
+
+    def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
+        lp = np.asarray(lp_device)  # [b, N_bucket, M_bucket + 1]
+        for j, (i, h) in enumerate(part):
+            m = tests[i].n
+            found[i, h] = np.concatenate([lp[j, : template.n, :m], lp[j, : template.n, -1:]], 1)
+
+    _pipelined(chunks(), lambda part, _, lp: lp, collect)
+    return found
 
 
 def _orientation_key(forward: np.ndarray, reverse: np.ndarray) -> tuple[float, float]:
@@ -384,9 +436,10 @@ def _choose_orientations(
     if k == 1:
         return np.zeros((len(tests),), np.int64)
 
+    reverse = _reverse_log_probs(model, template, tests, signs)
+
     def choose(i: int) -> int:
-        reverse = _reverse_log_probs(model, template, tests[i], signs)
-        return max(range(k), key=lambda h: _orientation_key(forward[i, h], reverse[h]))
+        return max(range(k), key=lambda h: _orientation_key(forward[i, h], reverse[i, h]))
 
     return np.asarray(_host_map(choose, range(len(tests))), np.int64)
 

@@ -420,6 +420,25 @@ def test_orientation_key_prefers_cycle_consistent_hypotheses():
     assert P._orientation_key(soft, soft)[0] == 1.0
 
 
+@pytest.mark.parametrize("name", ["small", "color"])
+def test_reverse_log_probs_batched_equal_one_test_at_a_time(demo, name):
+    """The reverse direction of the orientation search, batched over tests of several buckets,
+    equals matching the template to each test alone (as the search did before)."""
+    model = fd.load_pretrained(name)
+    template, test = demo
+    template = template.subset(np.arange(120))
+    rng = np.random.default_rng(1)
+    tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
+    signs = predict_mod.orientation_hypotheses(model, "auto")
+    batched = predict_mod._reverse_log_probs(model, template, tests, signs)
+    assert sorted(batched) == [(i, h) for i in range(3) for h in range(len(signs))]
+    for i, t in enumerate(tests):
+        alone = predict_mod._hypothesis_log_probs(model, t, [template], signs)
+        for h in range(len(signs)):
+            assert batched[i, h].shape == (template.n, t.n + 1)
+            close(batched[i, h], alone[0, h], atol=2e-4)
+
+
 def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
     """The two bundled NP animals are in the same canonical pose (the identity flip names 60 and
     110 of 188 neurons, the 180° turn about the long axis 30 and 99): the search must keep it."""
