@@ -38,6 +38,7 @@ from fdnc_jax import auction
 
 __all__ = [
     "Matching",
+    "assign_batch_device",
     "color_log_likelihood",
     "hungarian_accuracy_batch",
     "hungarian_assignment_batch",
@@ -539,11 +540,21 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
 DEVICE_SOLVERS = ("hungarian", "auction")
 
 
-def _assign_device(scores: jax.Array, valid: jax.Array, solver: str) -> jax.Array:
-    """[B, M] one-to-one assignment of [B, M, N] scores with ``solver`` (see
-    :func:`match_batch_device`). The auction's problems that did not finish within its round bound
-    (score ties can take long) are solved again with the Hungarian algorithm — a real branch (the
-    predicate is one scalar), taken only when needed."""
+def assign_batch_device(
+    scores: jax.Array, valid: jax.Array, solver: str = "hungarian"
+) -> jax.Array:
+    """[B, M] one-to-one assignment of [B, M, N] scores (pure; for use inside ``jax.jit``).
+
+    ``solver`` as in :func:`match_batch_device`. The auction's problems that did not finish within
+    its round bound (score ties can take long) are solved again with the Hungarian algorithm — a
+    real branch (the predicate is one scalar), taken only when needed. Non-finite scores and
+    invalid rows [B, M] are padding, as in :func:`hungarian_assignment_batch`.
+
+    Example:
+      >>> scores = jnp.array([[[0.9, 0.1], [0.8, 0.2]]])
+      >>> jax.jit(assign_batch_device, static_argnums=2)(scores, jnp.ones((1, 2), bool), "auction")
+      Array([[0, 1]], dtype=int32)
+    """
     if solver == "hungarian":
         return jax.vmap(_assign_one)(scores, valid)
     assignment, converged, _ = auction.auction_batch(scores, valid)  # [B, M], [B]
@@ -578,7 +589,7 @@ def _match_batch_device(
         y = jnp.maximum(test_color, COLOR_FLOOR)  # [B, M, 3]
         color = jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
         scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
-    assignment = _assign_device(scores, test_mask, solver)  # [B, M]
+    assignment = assign_batch_device(scores, test_mask, solver)  # [B, M]
     has = assignment >= 0
     row_ok = jnp.any(jnp.isfinite(scores), axis=-1, keepdims=True)  # [B, M, 1]
     probs = jax.nn.softmax(jnp.where(row_ok, scores / temperature, 0.0), axis=-1)

@@ -349,14 +349,17 @@ def _mean_assigned(log_probs: np.ndarray, assignment: np.ndarray) -> float:
     return float(np.mean(log_probs[rows, assignment[rows]]))
 
 
-def _reverse_log_probs(
-    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
-) -> dict[tuple[int, int], np.ndarray]:
-    """The reverse direction of every hypothesis h of every test i, keyed ``(i, h)``: [N, M_i + 1]
-    log-probs of the template's neurons matched to test i, test i as template and the template
-    flipped by ``signs[h]`` — the same relative pose as hypothesis h (each flip is its own
-    inverse). Batched: one forward call per chunk of (test, hypothesis) pairs, each with its own
-    template (on an accelerator, one call per test would be launch-bound)."""
+def _reverse_chunks(model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray):
+    """The reverse direction of every hypothesis h of every test i: the template's neurons
+    matched to test i, test i as template and the template flipped by ``signs[h]`` — the same
+    relative pose as hypothesis h (each flip is its own inverse). Batched: one forward call per
+    chunk of (test, hypothesis) pairs, each with its own template (on an accelerator, one call per
+    test would be launch-bound).
+
+    Yields ``(part, (row_mask [b, N_b], col_mask [b, M_b]), log_probs)`` per chunk: ``part`` the
+    (test index, hypothesis index) of each row, ``log_probs`` the device array
+    [b, N_b, M_b + 1] (rows: template neurons), dispatched but not waited for.
+    """
     with_color = bool(model.config.color_features)
     n_bucket = bucket_size(template.n, "template")
     s_xyz, s_mask, s_color = _model_inputs(template, n_bucket, with_color, "template")
@@ -365,38 +368,42 @@ def _reverse_log_probs(
     for i, t in enumerate(tests):
         bucket = bucket_size(t.n, f"test worm {i}")
         groups.setdefault(bucket, []).extend((i, h) for h in range(len(signs)))
+    for m_bucket, items in groups.items():
+        limit = _max_chunk(model, m_bucket, n_bucket)
+        padded: dict[int, tuple[np.ndarray, ...]] = {}
+        for start in range(0, len(items), limit):
+            part = items[start : start + limit]
+            b = _chunk_size(len(part), limit)
+            t_xyz = np.zeros((b, m_bucket, 3), np.float32)
+            t_mask = np.zeros((b, m_bucket), bool)
+            t_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
+            b_signs = np.ones((b, 3), np.float32)
+            for j, (i, h) in enumerate(part):
+                if i not in padded:
+                    padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
+                t_xyz[j], t_mask[j], c = padded[i]
+                b_signs[j] = signs[h]
+                if with_color:
+                    t_color[j] = c
+            batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)  # noqa: E731
+            lp = forward(
+                model.params,
+                t_xyz,
+                t_mask,
+                batch(s_xyz),
+                batch(s_mask),
+                t_color,
+                batch(s_color),
+                b_signs,
+            )
+            yield part, (batch(s_mask), t_mask), lp
 
-    def chunks():
-        for m_bucket, items in groups.items():
-            limit = _max_chunk(model, m_bucket, n_bucket)
-            padded: dict[int, tuple[np.ndarray, ...]] = {}
-            for start in range(0, len(items), limit):
-                part = items[start : start + limit]
-                b = _chunk_size(len(part), limit)
-                t_xyz = np.zeros((b, m_bucket, 3), np.float32)
-                t_mask = np.zeros((b, m_bucket), bool)
-                t_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
-                b_signs = np.ones((b, 3), np.float32)
-                for j, (i, h) in enumerate(part):
-                    if i not in padded:
-                        padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
-                    t_xyz[j], t_mask[j], c = padded[i]
-                    b_signs[j] = signs[h]
-                    if with_color:
-                        t_color[j] = c
-                batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)
-                lp = forward(
-                    model.params,
-                    t_xyz,
-                    t_mask,
-                    batch(s_xyz),
-                    batch(s_mask),
-                    t_color,
-                    batch(s_color),
-                    b_signs,
-                )
-                yield part, None, lp
 
+def _reverse_log_probs(
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+) -> dict[tuple[int, int], np.ndarray]:
+    """[N, M_i + 1] log-probs of the reverse direction (``_reverse_chunks``) of every hypothesis h
+    of every test i, keyed ``(i, h)``."""
     found: dict[tuple[int, int], np.ndarray] = {}
 
     def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
@@ -405,7 +412,7 @@ def _reverse_log_probs(
             m = tests[i].n
             found[i, h] = np.concatenate([lp[j, : template.n, :m], lp[j, : template.n, -1:]], 1)
 
-    _pipelined(chunks(), lambda part, _, lp: lp, collect)
+    _pipelined(_reverse_chunks(model, template, tests, signs), lambda part, _, lp: lp, collect)
     return found
 
 
@@ -418,9 +425,70 @@ def _orientation_key(forward: np.ndarray, reverse: np.ndarray) -> tuple[float, f
     (``color``) on the 90 held-out NP pairs, 35.7 → 38.8 % and 52.7 → 69.3 % on 120 pairs across
     the training labs."""
     a_f, a_r = _one_to_one(forward), _one_to_one(reverse)
+    return _cycle_key(a_f, a_r, _mean_assigned(forward, a_f) + _mean_assigned(reverse, a_r))
+
+
+def _cycle_key(a_f: np.ndarray, a_r: np.ndarray, mean_log_prob: float) -> tuple[float, float]:
+    """(fraction of the assigned test neurons that ``a_r`` [N] maps back to themselves through
+    ``a_f`` [M], ``mean_log_prob``): the key of ``_orientation_key``."""
     back = np.flatnonzero(a_f >= 0)
     cycle = float(np.mean(a_r[a_f[back]] == back)) if back.size else 0.0
-    return cycle, _mean_assigned(forward, a_f) + _mean_assigned(reverse, a_r)
+    return cycle, float(mean_log_prob)
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _device_one_to_one(log_probs, row_mask, col_mask, *, solver):
+    """Device ``_one_to_one`` and ``_mean_assigned`` of a chunk: [b, R, C + 1] log-probs (last
+    column the outlier), row / column masks [b, R], [b, C] → ([b, R] int32 column per row, −1
+    none; [b] mean log-prob of the assigned cells)."""
+    c = log_probs.shape[-1] - 1
+    ok = row_mask[:, :, None] & col_mask[:, None, :]
+    scores = jnp.where(ok, log_probs[..., :c], -jnp.inf)  # [b, R, C]
+    assignment = matching.assign_batch_device(scores, row_mask, solver)  # [b, R]
+    has = assignment >= 0
+    picked = jnp.take_along_axis(scores, jnp.maximum(assignment, 0)[..., None], -1)[..., 0]
+    total = jnp.sum(jnp.where(has, picked, 0.0), axis=-1)
+    return assignment, total / jnp.maximum(jnp.sum(has, axis=-1), 1)
+
+
+def _device_orientations(
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+) -> np.ndarray:
+    """``_choose_orientations`` with the one-to-one assignments of both directions on the device
+    (``DEVICE_SOLVER``): only the assignments and their mean log-probs come back, not the
+    [M, N + 1] log-probs of every hypothesis, and no host Hungarian runs. [B] kept hypothesis."""
+    found: dict[str, dict[tuple[int, int], tuple[np.ndarray, float]]] = {"f": {}, "r": {}}
+
+    def dispatch(row_mask, col_mask, lp):
+        return _device_one_to_one(lp, row_mask, col_mask, solver=DEVICE_SOLVER)
+
+    def collector(direction: str, sizes):
+        def collect(part, out):
+            assignment, mean = jax.device_get(out)
+            for j, (i, h) in enumerate(part):
+                found[direction][i, h] = assignment[j, : sizes(i)], float(mean[j])
+
+        return collect
+
+    forward = _forward_chunks(model, template, tests, signs)
+    _pipelined(
+        forward,
+        lambda part, inputs, lp: dispatch(
+            inputs[1], np.broadcast_to(inputs[0], (lp.shape[0],) + inputs[0].shape), lp
+        ),
+        collector("f", lambda i: tests[i].n),
+    )
+    _pipelined(
+        _reverse_chunks(model, template, tests, signs),
+        lambda part, masks, lp: dispatch(*masks, lp),
+        collector("r", lambda i: template.n),
+    )
+
+    def key(i: int, h: int) -> tuple[float, float]:
+        (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
+        return _cycle_key(a_f, a_r, mean_f + mean_r)
+
+    return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
 
 
 def _choose_orientations(
@@ -547,7 +615,7 @@ def _device_predictions(
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
     hypotheses the kept one is chosen first as on the host (``_log_probs``: both directions'
     one-to-one assignments), then only it is matched on the device."""
-    chosen = _log_probs(model, template, tests, signs)[1] if len(signs) > 1 else None
+    chosen = _device_orientations(model, template, tests, signs) if len(signs) > 1 else None
     found: dict[int, dict[str, np.ndarray]] = {}
 
     def dispatch(part, inputs, lp):

@@ -439,6 +439,23 @@ def test_reverse_log_probs_batched_equal_one_test_at_a_time(demo, name):
             close(batched[i, h], alone[0, h], atol=2e-4)
 
 
+@pytest.mark.parametrize("solver", ["hungarian", "auction"])
+def test_device_orientation_choice_equals_host(demo, solver, monkeypatch):
+    """The orientation search with both directions' assignments on the device keeps the same
+    hypothesis as on the host, for tests of several buckets (canonical-pose model, 4 flips)."""
+    monkeypatch.setattr(predict_mod, "DEVICE_SOLVER", solver)
+    model = fd.load_pretrained("small")
+    template, test = demo
+    rng = np.random.default_rng(2)
+    tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
+    tests += [fd.Worm(xyz_um=t.xyz_um * np.array([-1.0, -1.0, 1.0])) for t in tests]  # turned
+    signs = predict_mod.orientation_hypotheses(model, "auto")
+    host = predict_mod._log_probs(model, template, tests, signs)[1]
+    device = predict_mod._device_orientations(model, template, tests, signs)
+    np.testing.assert_array_equal(device, host)
+    assert len(set(host.tolist())) > 1  # the search does choose different flips here
+
+
 def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
     """The two bundled NP animals are in the same canonical pose (the identity flip names 60 and
     110 of 188 neurons, the 180° turn about the long axis 30 and 99): the search must keep it."""
