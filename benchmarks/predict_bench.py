@@ -152,6 +152,16 @@ def accelerator_sweep(model, template, worms) -> None:
                 line += f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
         print(line, flush=True)
     predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget, predict_mod.DEVICE_SOLVER = defaults
+    line = "  default chunk, orientation='auto' (4 flips, both directions, chosen on the device):"
+    for solver in matching.DEVICE_SOLVERS:
+        predict_mod.DEVICE_SOLVER = solver
+        try:
+            rate = throughput(lambda: fd.predict_batch(model, template, worms, use_color=False), n)
+            line += f"  {solver} {rate:>9.1f}"
+        except Exception as e:  # noqa: BLE001
+            line += f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
+    predict_mod.DEVICE_SOLVER = defaults[2]
+    print(line, flush=True)
 
 
 def main() -> None:
