@@ -364,39 +364,23 @@ def _reverse_chunks(model: Model, template: Worm, tests: Sequence[Worm], signs: 
     n_bucket = bucket_size(template.n, "template")
     s_xyz, s_mask, s_color = _model_inputs(template, n_bucket, with_color, "template")
     forward = _compiled_forward(model)
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for i, t in enumerate(tests):
-        bucket = bucket_size(t.n, f"test worm {i}")
-        groups.setdefault(bucket, []).extend((i, h) for h in range(len(signs)))
-    for m_bucket, items in groups.items():
-        limit = _max_chunk(model, m_bucket, n_bucket)
-        padded: dict[int, tuple[np.ndarray, ...]] = {}
-        for start in range(0, len(items), limit):
-            part = items[start : start + limit]
-            b = _chunk_size(len(part), limit)
-            t_xyz = np.zeros((b, m_bucket, 3), np.float32)
-            t_mask = np.zeros((b, m_bucket), bool)
-            t_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
-            b_signs = np.ones((b, 3), np.float32)
-            for j, (i, h) in enumerate(part):
-                if i not in padded:
-                    padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
-                t_xyz[j], t_mask[j], c = padded[i]
-                b_signs[j] = signs[h]
-                if with_color:
-                    t_color[j] = c
-            batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)  # noqa: E731
-            lp = forward(
-                model.params,
-                t_xyz,
-                t_mask,
-                batch(s_xyz),
-                batch(s_mask),
-                t_color,
-                batch(s_color),
-                b_signs,
-            )
-            yield part, (batch(s_mask), t_mask), lp
+    groups = _hypothesis_groups(tests, signs)
+    for part, t_xyz, t_mask, t_color, b_signs in _padded_tests(
+        model, tests, groups, n_bucket, signs, with_color
+    ):
+        b = len(t_xyz)
+        batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)  # noqa: E731
+        lp = forward(
+            model.params,
+            t_xyz,
+            t_mask,
+            batch(s_xyz),
+            batch(s_mask),
+            t_color,
+            batch(s_color),
+            b_signs,
+        )
+        yield part, (batch(s_mask), t_mask), lp
 
 
 def _reverse_log_probs(
@@ -532,33 +516,60 @@ def _forward_chunks(
     n_color = model.config.color_features
     with_color = bool(n_color) or color_term
     n_bucket = bucket_size(template.n, "template")
+    groups = _hypothesis_groups(tests, signs, chosen)
+    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, with_color, "template")
+    forward = _compiled_forward(model)
+    for part, s_xyz, s_mask, s_color, s_signs in _padded_tests(
+        model, tests, groups, n_bucket, signs, with_color
+    ):
+        colors = (t_color, s_color) if n_color else (None, None)  # network color input
+        lp = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, *colors, s_signs)
+        yield part, (t_mask, s_mask, t_color, s_color), lp
+
+
+def _hypothesis_groups(
+    tests: Sequence[Worm], signs: np.ndarray, chosen: np.ndarray | None = None
+) -> dict[int, list[tuple[int, int]]]:
+    """(test index, hypothesis index) items grouped by the tests' size bucket: every hypothesis of
+    ``signs`` [K, 3], or only ``chosen[i]`` for test i."""
     groups: dict[int, list[tuple[int, int]]] = {}
     for i, t in enumerate(tests):
         bucket = bucket_size(t.n, f"test worm {i}")
         hypotheses = range(len(signs)) if chosen is None else [int(chosen[i])]
         groups.setdefault(bucket, []).extend((i, h) for h in hypotheses)
-    t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, with_color, "template")
-    forward = _compiled_forward(model)
+    return groups
+
+
+def _padded_tests(
+    model: Model,
+    tests: Sequence[Worm],
+    groups: dict[int, list[tuple[int, int]]],
+    n_bucket: int,
+    signs: np.ndarray,
+    with_color: bool,
+):
+    """The test side of every chunk, per bucket M_b (the template padded to ``n_bucket``): yields
+    ``(part, xyz [b, M_b, 3], mask [b, M_b], color [b, M_b, 3] or None, signs [b, 3])`` with
+    ``b`` a power of two (``_chunk_size``; rows past ``part`` are padding), each test prepared
+    once for all its hypotheses."""
     for m_bucket, items in groups.items():
         limit = _max_chunk(model, n_bucket, m_bucket)
         padded: dict[int, tuple[np.ndarray, ...]] = {}  # per test, shared by its hypotheses
         for start in range(0, len(items), limit):
             part = items[start : start + limit]
             b = _chunk_size(len(part), limit)
-            s_xyz = np.zeros((b, m_bucket, 3), np.float32)
-            s_mask = np.zeros((b, m_bucket), bool)
-            s_color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
-            s_signs = np.ones((b, 3), np.float32)
+            xyz = np.zeros((b, m_bucket, 3), np.float32)
+            mask = np.zeros((b, m_bucket), bool)
+            color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
+            b_signs = np.ones((b, 3), np.float32)
             for j, (i, h) in enumerate(part):
                 if i not in padded:
                     padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
-                s_xyz[j], s_mask[j], c = padded[i]
-                s_signs[j] = signs[h]
+                xyz[j], mask[j], c = padded[i]
+                b_signs[j] = signs[h]
                 if with_color:
-                    s_color[j] = c
-            colors = (t_color, s_color) if n_color else (None, None)  # network color input
-            lp = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, *colors, s_signs)
-            yield part, (t_mask, s_mask, t_color, s_color), lp
+                    color[j] = c
+            yield part, xyz, mask, color, b_signs
 
 
 def _pipelined(chunks, dispatch, collect) -> None:
