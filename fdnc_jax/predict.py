@@ -58,9 +58,9 @@ MATCH_ON = ("auto", "host", "device")
 DEVICE_MATCH_MIN_ROWS = 1024
 # The device matching's assignment solver (``matching.DEVICE_SOLVERS``). The parallel auction
 # (``fdnc_jax.auction``) replaces the sequential row loop by ~500–1,000 rounds of [16, N] work per
-# volume, all volumes at once; on a 2-core CPU it is slower than the Hungarian (60 vs 141 volumes/s,
-# 128 tracking volumes), and it has not yet been timed on a GPU, so the measured Hungarian stays the
-# default (``benchmarks/predict_bench.py`` times both on accelerators).
+# volume, all volumes at once; on a 2-core CPU it is slower than the Hungarian (119 vs 142 volumes/s,
+# 256 tracking volumes, ``benchmarks/matching_bench.py``), and it has not yet been timed on a GPU, so
+# the measured Hungarian stays the default (``matching_bench.py`` and ``predict_bench.py`` time both).
 DEVICE_SOLVER = "hungarian"
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
@@ -624,8 +624,8 @@ def _device_predictions(
 ) -> list[Prediction]:
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
-    hypotheses the kept one is chosen first as on the host (``_log_probs``: both directions'
-    one-to-one assignments), then only it is matched on the device."""
+    hypotheses the kept one is chosen first, also on the device (``_device_orientations``: both
+    directions' one-to-one assignments), then only it is matched (with the color term if asked)."""
     chosen = _device_orientations(model, template, tests, signs) if len(signs) > 1 else None
     found: dict[int, dict[str, np.ndarray]] = {}
 
