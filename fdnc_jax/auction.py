@@ -76,7 +76,8 @@ def _benefit(scores: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array,
 
     The dummy lies 2 × range + 1 below the best cell: prices of held objects never differ by more
     than range + ε, so a row prefers its dummy only when no real column is left to it, and a dummy
-    costs ≥ 1 more than any real pair (maximum cardinality when K · ε_final < 1).
+    costs ≥ 1 more than any real pair (maximum cardinality when K · ε_final < 1: scores spanning
+    less than 2^20 / K, e.g. ~5,000 for K = 208).
     """
     real = jnp.isfinite(scores) & valid[:, None]  # [M, N]
     hi = jnp.max(jnp.where(real, scores, -jnp.inf))
