@@ -28,7 +28,7 @@ BASE_CONFIG=${BASE_CONFIG:-configs/default.py}
 VARIANTS=${VARIANTS:-"paper canon real color"}
 BENCH=${BENCH:-1}
 BENCH_FIRST=${BENCH_FIRST:-0}
-PREDICT_CAP=${PREDICT_CAP:-170}
+PREDICT_CAP=${PREDICT_CAP:-240}  # predict_bench times predict_batch by chunk, solver and orientation mode too
 TRAIN_OVERHEAD=${TRAIN_OVERHEAD:-110}  # seconds: start-up, final validation and export of a run
 FROM_SHIPPED=${FROM_SHIPPED:-0}
 WHEELS=${WHEELS:-_carry/whl}
@@ -36,7 +36,7 @@ PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/fdnc_gpu_session}
 DEADLINE=${DEADLINE:-570}  # seconds after the start: the benchmarks (run last) end by then
 SIMULATE_CAP=${SIMULATE_CAP:-90}
-MATCHING_CAP=${MATCHING_CAP:-90}
+MATCHING_CAP=${MATCHING_CAP:-120}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
