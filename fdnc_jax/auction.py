@@ -180,10 +180,13 @@ def _forward_round(p: _Problem, st: _State, s: int) -> _State:
     best, v1, v2 = _best_two(values)
     v2 = jnp.maximum(v2, v1 - p.scale)  # only one finite option: a bounded bid
     target = jnp.where(best == n, n + row, best)  # [S] object
-    keep = active & (held[row] >= 0) & (v1 - _profits(p, st)[row] <= eps)
+    own = held[row]  # [S]
+    own_obj = jnp.clip(own, 0, n_obj - 1)
+    own_value = jnp.where(own < n, p.benefit[row, jnp.minimum(own_obj, n - 1)], p.dummy)
+    keep = active & (own >= 0) & (v1 - (own_value - prices[own_obj]) <= eps)
     bidding = active & ~keep
-    release = bidding & (held[row] >= 0)  # failed verification: let the object go
-    owner = owner.at[jnp.where(release, held[row], n_obj)].set(NO_LABEL, mode="drop")
+    release = bidding & (own >= 0)  # failed verification: let the object go
+    owner = owner.at[jnp.where(release, own, n_obj)].set(NO_LABEL, mode="drop")
     held = held.at[jnp.where(release, sel, m)].set(NO_LABEL, mode="drop")
     unverified = unverified.at[jnp.where(active, sel, m)].set(False, mode="drop")
     bid = v1 + prices[target] - v2 + eps  # [S]: benefit of target − v2 + ε
