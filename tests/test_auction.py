@@ -3,6 +3,8 @@ matching.match_batch_device (solver="auction")."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +88,7 @@ def test_auction_equals_scipy_on_network_scores():
     finds."""
     import fdnc_jax as fd
 
-    predict_mod = __import__("importlib").import_module("fdnc_jax.predict")
+    predict_mod = importlib.import_module("fdnc_jax.predict")
     template, test = fd.load_demo_pair()
     model = fd.load_pretrained()
     found = predict_mod._hypothesis_log_probs(model, template, [test], np.ones((1, 3), np.float32))
@@ -195,7 +197,6 @@ def test_auction_equals_scipy_on_real_color_scores(shared_data):
     """Real NeuroPAL pairs with the color term (score range ~670): a pair whose second-best
     assignment is only 0.002 below the best (25 of 194 neurons swapped) came out second best
     while ε was floored at 2^-18 × the range; with the floor at 2^-20 it is the optimum."""
-    import importlib
     import warnings
 
     import fdnc_jax as fd
