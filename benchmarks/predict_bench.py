@@ -132,36 +132,27 @@ def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def accelerator_sweep(model, template, worms) -> None:
     """GPU only: ``predict_batch`` end to end by chunk size (``BATCH_CHUNK``; the memory bound
-    lifted) and device matching solver (``DEVICE_SOLVER``). The matching alone, by batch and
-    solver: ``benchmarks/matching_bench.py``."""
+    lifted) and device matching solver (``device_solver``), and with the default orientation
+    search. The matching alone, by batch and solver: ``benchmarks/matching_bench.py``."""
     n = len(worms)
     print(f"\npredict_batch end to end, {n} volumes, by chunk size and device solver (volumes/s)",
           flush=True)
-    defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget, predict_mod.DEVICE_SOLVER
+    defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget
+
+    def rate(solver: str, **kwargs) -> str:
+        try:
+            return f"  {solver} {throughput(lambda: fd.predict_batch(model, template, worms, use_color=False, device_solver=solver, **kwargs), n):>9.1f}"  # noqa: E501
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
+            return f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
+
     predict_mod._accelerator_budget = lambda: 64 << 30  # the chunk alone decides
     for chunk in (256, 1024, 2048, 4096):
         predict_mod.BATCH_CHUNK = chunk
-        line = f"  chunk {chunk:>5}:"
-        for solver in matching.DEVICE_SOLVERS:
-            predict_mod.DEVICE_SOLVER = solver
-            try:
-                rate = throughput(lambda: fd.predict_batch(
-                    model, template, worms, use_color=False, orientation="fixed"), n)
-                line += f"  {solver} {rate:>9.1f}"
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
-                line += f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
-        print(line, flush=True)
-    predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget, predict_mod.DEVICE_SOLVER = defaults
-    line = "  default chunk, orientation='auto' (4 flips, both directions, chosen on the device):"
-    for solver in matching.DEVICE_SOLVERS:
-        predict_mod.DEVICE_SOLVER = solver
-        try:
-            rate = throughput(lambda: fd.predict_batch(model, template, worms, use_color=False), n)
-            line += f"  {solver} {rate:>9.1f}"
-        except Exception as e:  # noqa: BLE001
-            line += f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
-    predict_mod.DEVICE_SOLVER = defaults[2]
-    print(line, flush=True)
+        print(f"  chunk {chunk:>5}:" + "".join(
+            rate(s, orientation="fixed") for s in matching.DEVICE_SOLVERS), flush=True)
+    predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget = defaults
+    print("  default chunk, orientation='auto' (4 flips, both directions, chosen on the device):"
+          + "".join(rate(s) for s in matching.DEVICE_SOLVERS), flush=True)
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ MATCH_ON = ("auto", "host", "device")
 # one host assignment took 2.4 ms; predict_batch of 256 volumes 876 vs 858 volumes/s, of 1,024 930 vs
 # 795 with chunks of 256).
 DEVICE_MATCH_MIN_ROWS = 1024
-# The device matching's assignment solver (``matching.DEVICE_SOLVERS``). The parallel auction
+# The device matching's default assignment solver (``matching.DEVICE_SOLVERS``; ``predict_batch``'s
+# ``device_solver`` chooses per call). The parallel auction
 # (``fdnc_jax.auction``) replaces the sequential row loop by ~500–1,000 rounds of [16, N] work per
 # volume, all volumes at once; on a 2-core CPU it is slower than the Hungarian (119 vs 142 volumes/s,
 # 256 tracking volumes, ``benchmarks/matching_bench.py``), and it has not yet been timed on a GPU, so
@@ -436,15 +437,16 @@ def _device_one_to_one(log_probs, row_mask, col_mask, *, solver):
 
 
 def _device_orientations(
-    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray, solver: str
 ) -> np.ndarray:
     """``_choose_orientations`` with the one-to-one assignments of both directions on the device
-    (``DEVICE_SOLVER``): only the assignments and their mean log-probs come back, not the
-    [M, N + 1] log-probs of every hypothesis, and no host Hungarian runs. [B] kept hypothesis."""
+    (``solver``: one of ``matching.DEVICE_SOLVERS``): only the assignments and their mean
+    log-probs come back, not the [M, N + 1] log-probs of every hypothesis, and no host Hungarian
+    runs. [B] kept hypothesis."""
     found: dict[str, dict[tuple[int, int], tuple[np.ndarray, float]]] = {"f": {}, "r": {}}
 
     def dispatch(row_mask, col_mask, lp):
-        return _device_one_to_one(lp, row_mask, col_mask, solver=DEVICE_SOLVER)
+        return _device_one_to_one(lp, row_mask, col_mask, solver=solver)
 
     def collector(direction: str, sizes):
         def collect(part, out):
@@ -621,12 +623,13 @@ def _device_predictions(
     color_weight: float,
     top_k: int,
     min_probability: float,
+    solver: str,
 ) -> list[Prediction]:
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
     hypotheses the kept one is chosen first, also on the device (``_device_orientations``: both
     directions' one-to-one assignments), then only it is matched (with the color term if asked)."""
-    chosen = _device_orientations(model, template, tests, signs) if len(signs) > 1 else None
+    chosen = _device_orientations(model, template, tests, signs, solver) if len(signs) > 1 else None
     found: dict[int, dict[str, np.ndarray]] = {}
 
     def dispatch(part, inputs, lp):
@@ -645,7 +648,7 @@ def _device_predictions(
             color_weight=color_weight,
             top_k=top_k,
             temperature=model.temperature,
-            solver=DEVICE_SOLVER,
+            solver=solver,
             **colors,
         )
 
@@ -772,6 +775,7 @@ def predict_batch(
     min_probability: float = 0.0,
     orientation: str = "auto",
     match_on: str = "auto",
+    device_solver: str | None = None,
 ) -> list[Prediction]:
     """Matches many test worms (e.g. every volume of a recording) to one template.
 
@@ -797,6 +801,9 @@ def predict_batch(
         throughput), "auto" (default) = "device" on GPU/TPU for ≥ ``DEVICE_MATCH_MIN_ROWS``
         (volume, orientation) pairs, "host" otherwise. The two agree up to near-ties and float32
         rounding (tested).
+      device_solver: the device matching's one-to-one assignment (``matching.DEVICE_SOLVERS``):
+        "hungarian" (optax) or "auction" (``fdnc_jax.auction``, parallel over rows and volumes);
+        None: ``DEVICE_SOLVER`` ("hungarian"). Used only where the matching runs on the device.
 
     Returns:
       One Prediction per test worm, in order.
@@ -812,9 +819,20 @@ def predict_batch(
     on_device = _matches_on_device(match_on, len(tests) * len(signs))
     if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
+    solver = DEVICE_SOLVER if device_solver is None else device_solver
+    if solver not in matching.DEVICE_SOLVERS:
+        raise ValueError(f"device_solver={solver!r} must be one of {matching.DEVICE_SOLVERS}")
     if on_device:
         return _device_predictions(
-            model, template, tests, signs, use_color, float(color_weight), top_k, min_probability
+            model,
+            template,
+            tests,
+            signs,
+            use_color,
+            float(color_weight),
+            top_k,
+            min_probability,
+            solver,
         )
     all_log_probs, chosen = _log_probs(model, template, tests, signs)
     return _host_map(

@@ -440,10 +440,9 @@ def test_reverse_log_probs_batched_equal_one_test_at_a_time(demo, name):
 
 
 @pytest.mark.parametrize("solver", ["hungarian", "auction"])
-def test_device_orientation_choice_equals_host(demo, solver, monkeypatch):
+def test_device_orientation_choice_equals_host(demo, solver):
     """The orientation search with both directions' assignments on the device keeps the same
     hypothesis as on the host, for tests of several buckets (canonical-pose model, 4 flips)."""
-    monkeypatch.setattr(predict_mod, "DEVICE_SOLVER", solver)
     model = fd.load_pretrained("small")
     template, test = demo
     rng = np.random.default_rng(2)
@@ -451,7 +450,7 @@ def test_device_orientation_choice_equals_host(demo, solver, monkeypatch):
     tests += [fd.Worm(xyz_um=t.xyz_um * np.array([-1.0, -1.0, 1.0])) for t in tests]  # turned
     signs = predict_mod.orientation_hypotheses(model, "auto")
     host = predict_mod._log_probs(model, template, tests, signs)[1]
-    device = predict_mod._device_orientations(model, template, tests, signs)
+    device = predict_mod._device_orientations(model, template, tests, signs, solver)
     np.testing.assert_array_equal(device, host)
     assert len(set(host.tolist())) > 1  # the search does choose different flips here
 
@@ -467,8 +466,7 @@ def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
 
 @pytest.mark.parametrize("solver", ["hungarian", "auction"])
 @pytest.mark.parametrize("use_color", [False, True])
-def test_device_matching_agrees_with_host(demo, use_color, solver, monkeypatch):
-    monkeypatch.setattr(predict_mod, "DEVICE_SOLVER", solver)
+def test_device_matching_agrees_with_host(demo, use_color, solver):
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
     template, test = demo
     rng = np.random.default_rng(0)
@@ -476,7 +474,9 @@ def test_device_matching_agrees_with_host(demo, use_color, solver, monkeypatch):
     tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
     kwargs = dict(use_color=use_color, top_k=3, min_probability=0.3)
     host = fd.predict_batch(model, template, tests, match_on="host", **kwargs)
-    device = fd.predict_batch(model, template, tests, match_on="device", **kwargs)
+    device = fd.predict_batch(
+        model, template, tests, match_on="device", device_solver=solver, **kwargs
+    )
     for h, d in zip(host, device, strict=True):
         np.testing.assert_array_equal(d.orientation, h.orientation)
         same = d.assignment == h.assignment
@@ -498,6 +498,8 @@ def test_match_on_is_validated(model, demo):
         fd.predict(model, template, test, match_on="gpu")
     with pytest.raises(ValueError, match="color_weight"):
         fd.predict(model, template, test, use_color=True, color_weight=-1.0, match_on="device")
+    with pytest.raises(ValueError, match="device_solver"):  # checked wherever the matching runs
+        fd.predict_batch(model, template, [test], match_on="host", device_solver="greedy")
 
 
 def test_model_temperature_reaches_predictions_and_survives_save_load(tmp_path, demo):
