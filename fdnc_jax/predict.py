@@ -389,15 +389,22 @@ def _reverse_log_probs(
 ) -> dict[tuple[int, int], np.ndarray]:
     """[N, M_i + 1] log-probs of the reverse direction (``_reverse_chunks``) of every hypothesis h
     of every test i, keyed ``(i, h)``."""
+    chunks = _reverse_chunks(model, template, tests, signs)
+    return _unpadded_log_probs(chunks, lambda i: template.n, lambda i: tests[i].n)
+
+
+def _unpadded_log_probs(chunks, rows_of, cols_of) -> dict[tuple[int, int], np.ndarray]:
+    """Fetches the padded [b, R_b, C_b + 1] log-probs of every chunk ``(part, _, lp)`` and keeps
+    item (i, h)'s [rows_of(i), cols_of(i) + 1] block (last column: the outlier), keyed ``(i, h)``."""
     found: dict[tuple[int, int], np.ndarray] = {}
 
     def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
-        lp = np.asarray(lp_device)  # [b, N_bucket, M_bucket + 1]
+        lp = np.asarray(lp_device)
         for j, (i, h) in enumerate(part):
-            m = tests[i].n
-            found[i, h] = np.concatenate([lp[j, : template.n, :m], lp[j, : template.n, -1:]], 1)
+            r, c = rows_of(i), cols_of(i)
+            found[i, h] = np.concatenate([lp[j, :r, :c], lp[j, :r, -1:]], axis=1)
 
-    _pipelined(_reverse_chunks(model, template, tests, signs), lambda part, _, lp: lp, collect)
+    _pipelined(chunks, lambda part, _, lp: lp, collect)
     return found
 
 
@@ -592,16 +599,8 @@ def _hypothesis_log_probs(
 ) -> dict[tuple[int, int], np.ndarray]:
     """Network log-probs [M_i, N + 1] (unpadded) of every test worm i under every orientation
     hypothesis h (``signs`` [K, 3]), keyed ``(i, h)``; batched per bucket and chunk."""
-    found: dict[tuple[int, int], np.ndarray] = {}
-
-    def collect(part: list[tuple[int, int]], lp_device: jax.Array) -> None:
-        lp = np.asarray(lp_device)  # [b, M_bucket, N_bucket + 1]
-        for j, (i, h) in enumerate(part):
-            m = tests[i].n
-            found[i, h] = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
-
-    _pipelined(_forward_chunks(model, template, tests, signs), lambda part, _, lp: lp, collect)
-    return found
+    chunks = _forward_chunks(model, template, tests, signs)
+    return _unpadded_log_probs(chunks, lambda i: tests[i].n, lambda i: template.n)
 
 
 def _log_probs(
