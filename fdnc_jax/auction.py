@@ -45,6 +45,7 @@ __all__ = [
     "auction_assignment",
     "auction_batch",
     "auction_assignment_batch",
+    "check_positive",
     "check_tolerance",
 ]
 
@@ -418,6 +419,20 @@ def _auction_batch(scores, valid, tolerance, max_rounds):
     return auction_batch(scores, valid, tolerance, max_rounds)[:2]
 
 
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a finite number > 0.
+
+    Example:
+      >>> check_positive(2, "temperature")
+      2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
 def check_tolerance(tolerance: object) -> float:
     """``tolerance`` as a float; ValueError unless it is a finite number > 0.
 
@@ -425,11 +440,7 @@ def check_tolerance(tolerance: object) -> float:
       >>> check_tolerance(1)
       1.0
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float | np.number):
-        raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
-    if not (np.isfinite(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance must be finite and > 0, got {tolerance}")
-    return float(tolerance)
+    return check_positive(tolerance, "tolerance")
 
 
 def auction_assignment_batch(

@@ -356,11 +356,7 @@ def check_temperature(temperature: object) -> float:
       >>> check_temperature(2)
       2.0
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.number):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return float(temperature)
+    return auction.check_positive(temperature, "temperature")
 
 
 def match(
