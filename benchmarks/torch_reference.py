@@ -135,8 +135,8 @@ def from_fdnc(model) -> NITRegistration:
     from flax import nnx
 
     cfg = model.config
-    if cfg.color_features:
-        raise ValueError("from_fdnc: position-only models (the original architecture)")
+    if cfg.color_features or cfg.distance_bias:
+        raise ValueError("from_fdnc: the original architecture only (positions, no distance bias)")
     p = nnx.to_pure_dict(model.params)
     net = NITRegistration(
         width=cfg.width,

@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.1  # Dropout in attention and feed-forward blocks.
     config.model.color_features = 0  # >0: normalised NeuroPAL color (first 3 channels) as input.
     config.model.canonical_pose = False  # Rotate clouds to their principal axes (fdnc_jax.pose).
+    # Learned per-head distance bias on the attention logits (fdnc_jax.model.layers.EncoderBlock).
+    config.model.distance_bias = False
 
     # Every simulator field (see SimConfig for meaning, units and the calibration on real worms).
     config.sim = ml_collections.ConfigDict(dataclasses.asdict(SimConfig()))

@@ -9,6 +9,7 @@ from flax import nnx
 from fdnc_jax.model.fdnc import FDNC, Model, ModelConfig, count_params
 
 TINY = ModelConfig(width=16, layers=2, heads=2, ff_width=32, dropout=0.0)
+DISTANCE = ModelConfig(width=16, layers=2, heads=2, ff_width=32, dropout=0.0, distance_bias=True)
 
 
 def _layer_params(d, ff):
@@ -41,8 +42,9 @@ def test_log_probs_normalised_and_shape(rng):
     np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, atol=1e-5)
 
 
-def test_equivariant_to_permutations(rng):
-    model = FDNC(TINY, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("cfg", [TINY, DISTANCE], ids=["paper", "distance"])
+def test_equivariant_to_permutations(rng, cfg):
+    model = FDNC(cfg, rngs=nnx.Rngs(0))
     t, tm, s, sm = _inputs(rng)
     out = model(t, tm, s, sm)
     pt = np.random.default_rng(0).permutation(12)
@@ -52,8 +54,9 @@ def test_equivariant_to_permutations(rng):
     np.testing.assert_allclose(out_p, expected, atol=2e-5)
 
 
-def test_padding_changes_nothing(rng):
-    model = FDNC(TINY, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("cfg", [TINY, DISTANCE], ids=["paper", "distance"])
+def test_padding_changes_nothing(rng, cfg):
+    model = FDNC(cfg, rngs=nnx.Rngs(0))
     t, tm, s, sm = _inputs(rng)
     out = model(t, tm, s, sm)
     big = 7.0 * jnp.ones((2, 4, 3))
@@ -67,8 +70,10 @@ def test_padding_changes_nothing(rng):
     assert float(jnp.max(jnp.exp(out_pad[:, :10, 12:16]))) == 0.0  # padded template columns
 
 
-def test_dropout_only_in_training(rng):
-    model = FDNC(dataclass_replace(TINY, dropout=0.5), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("cfg", [TINY, DISTANCE], ids=["paper", "distance"])
+def test_dropout_only_in_training(rng, cfg):
+    """Active dropout takes nnx.dot_product_attention (the accelerators' path) on every device."""
+    model = FDNC(dataclass_replace(cfg, dropout=0.5), rngs=nnx.Rngs(0))
     args = _inputs(rng)
     a = model(*args, deterministic=False, dropout_key=jax.random.key(1))
     b = model(*args, deterministic=False, dropout_key=jax.random.key(2))
@@ -94,7 +99,11 @@ def test_color_input_switch(rng):
 
 @pytest.mark.parametrize(
     "field, value, match",
-    [("width", 30, "divisible"), ("dropout", 1.5, "dropout"), ("layers", 0, "positive")],
+    [
+        ("width", 30, "divisible"),
+        ("dropout", 1.5, "dropout"),
+        ("layers", 0, "positive"),
+    ],
 )
 def test_bad_model_config(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -161,3 +170,75 @@ def test_matmul_dtype_bfloat16_is_close_and_reversible(rng):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), fast.params, model.params))
     with pytest.raises(ValueError, match="matmul_dtype"):
         model.with_matmul_dtype("float16")
+
+
+def test_distance_bias_model_weights_round_trip(rng, tmp_path):
+    from fdnc_jax.checkpoint import load_checkpoint, save_weights
+
+    model = Model.create(DISTANCE, seed=2)
+    save_weights(model, tmp_path / "w.npz")
+    loaded = load_checkpoint(tmp_path / "w.npz")
+    assert loaded.config == model.config
+    args = _inputs(rng)
+    np.testing.assert_array_equal(loaded.module()(*args), model.module()(*args))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_distance_bias_equals_explicit_bias(rng, heads):
+    """The 4 extra query/key features give exactly softmax(q·k/√Dh − |p_i − p_j|²/2σ_h²)."""
+    from fdnc_jax.model.layers import EncoderBlock, key_padding_mask
+
+    block = EncoderBlock(16, heads, 32, 0.0, rngs=nnx.Rngs(0), distance_bias=True)
+    block.log_sigma[...] = jnp.log(jnp.linspace(0.05, 0.4, heads))  # learned: not the initial ones
+    k1, k2 = jax.random.split(rng)
+    x = jax.random.normal(k1, (2, 9, 16))
+    p = jax.random.normal(k2, (2, 9, 3)) * 0.5
+    valid = jnp.arange(9)[None] < jnp.array([[9], [6]])
+    mask = key_padding_mask(valid)
+    got = block(x, mask, deterministic=True, rngs=None, positions=p)
+
+    att = block.attention
+    d2 = jnp.sum((p[:, :, None] - p[:, None]) ** 2, -1)  # [B, L, L]
+    bias = -d2[:, None] / (2 * jnp.exp(2 * block.log_sigma[...]))[None, :, None, None]
+    h = att.out(nnx.dot_product_attention(att.query(x), att.key(x), att.value(x), bias, mask))
+    h = block.norm_attention(x + h)
+    want = block.norm_ff(h + block.ff_out(jax.nn.relu(block.ff_in(h))))
+    np.testing.assert_allclose(got[valid], want[valid], atol=2e-5)
+    with pytest.raises(ValueError, match="positions"):
+        block(x, mask, deterministic=True, rngs=None)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_head_by_head_attention_gradient_equals_dot_product_attention(rng, batch):
+    """The hand-written VJP of the CPU attention gives autodiff's gradients of the standard one
+    (padded keys, several heads, key width ≠ value width as with the distance bias)."""
+    from fdnc_jax.model.layers import head_by_head_attention, key_padding_mask
+
+    k1, k2, k3, k4 = jax.random.split(rng, 4)
+    q, k = (jax.random.normal(key, (*batch, 9, 2, 12)) for key in (k1, k2))
+    v = jax.random.normal(k3, (*batch, 9, 2, 8))
+    weight = jax.random.normal(k4, (*batch, 9, 2, 8))
+    valid = jnp.broadcast_to(jnp.arange(9) < 6, (*batch, 9))
+    mask = key_padding_mask(valid.reshape(-1, 9)).reshape(*batch, 1, 1, 9)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(weight * fn(q, k, v, mask=mask, deterministic=True))
+
+    want = jax.grad(loss(_standard_attention), (0, 1, 2))(
+        q, k, v
+    )
+    got = jax.grad(loss(head_by_head_attention), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    if jax.default_backend() == "cpu":  # The hand-written VJP ran, not autodiff of the lax.map.
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss(head_by_head_attention)))(q, k, v))
+        assert "scan" not in jaxpr and "dot_general" in jaxpr
+
+
+def _standard_attention(q, k, v, mask, deterministic):
+    """nnx.dot_product_attention for values narrower than queries/keys: padded, then sliced."""
+    pad = jnp.zeros((*v.shape[:-1], q.shape[-1] - v.shape[-1]))
+    out = nnx.dot_product_attention(
+        q, k, jnp.concatenate([v, pad], -1), mask=mask, deterministic=deterministic
+    )
+    return out[..., : v.shape[-1]]

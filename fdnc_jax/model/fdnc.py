@@ -43,6 +43,8 @@ class ModelConfig:
     dropout: float = 0.1  # Dropout in attention and feed-forward (training only).
     color_features: int = 0  # C > 0: per-point normalised color concatenated to xyz as input.
     canonical_pose: bool = False  # Rotate each cloud to its principal axes first (fdnc_jax.pose).
+    # Learned per-head distance bias −|p_i − p_j|² / 2σ_h² on the attention logits (EncoderBlock).
+    distance_bias: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
@@ -103,7 +105,14 @@ class FDNC(nnx.Module):
         self.embed = PointEmbedding(3 + cfg.color_features, cfg.width, rngs=rngs)
         self.blocks = nnx.List(
             [
-                EncoderBlock(cfg.width, cfg.heads, cfg.ff_width, cfg.dropout, rngs=rngs)
+                EncoderBlock(
+                    cfg.width,
+                    cfg.heads,
+                    cfg.ff_width,
+                    cfg.dropout,
+                    rngs=rngs,
+                    distance_bias=cfg.distance_bias,
+                )
                 for _ in range(cfg.layers)
             ]
         )
@@ -149,8 +158,13 @@ class FDNC(nnx.Module):
         valid = jnp.concatenate([template_mask, test_mask], axis=1)  # [B, N + M]
         attention_mask = key_padding_mask(valid)
         rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
+        positions = None
+        if self.cfg.distance_bias:
+            positions = jnp.concatenate([template_xyz, test_xyz], axis=1)  # [B, N + M, 3]
         for block in self.blocks:
-            tokens = block(tokens, attention_mask, deterministic=deterministic, rngs=rngs)
+            tokens = block(
+                tokens, attention_mask, deterministic=deterministic, rngs=rngs, positions=positions
+            )
         u, v = tokens[:, :n], tokens[:, n:]  # [B, N, D], [B, M, D]
         scores = jnp.einsum("bmd,bnd->bmn", v, u)  # [B, M, N]
         scores = jnp.where(template_mask[:, None, :], scores, NEG_INF)

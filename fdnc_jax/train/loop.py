@@ -37,7 +37,15 @@ from fdnc_jax.worm import Worm
 
 # Fields that must agree between the config and the weights a run starts from (dropout is a
 # training setting, not part of the weights).
-_ARCHITECTURE_FIELDS = ("width", "layers", "heads", "ff_width", "color_features", "canonical_pose")
+_ARCHITECTURE_FIELDS = (
+    "width",
+    "layers",
+    "heads",
+    "ff_width",
+    "color_features",
+    "canonical_pose",
+    "distance_bias",
+)
 
 
 def initial_model(model_cfg: ModelConfig, seed: int, init_weights: str = "") -> Model:
