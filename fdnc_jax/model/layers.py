@@ -175,7 +175,7 @@ def distance_bias_sigmas(heads: int) -> jax.Array:
     """Initial lengths σ_h of the distance bias [H]: geometric from 0.08 to 0.64 model units.
 
     Example:
-      >>> distance_bias_sigmas(4).round(2).tolist()
+      >>> [round(float(s), 2) for s in distance_bias_sigmas(4)]
       [0.08, 0.16, 0.32, 0.64]
     """
     if heads == 1:
