@@ -29,7 +29,7 @@ from fdnc_jax.evaluate import _unique_template, calibration_bins
 from fdnc_jax.metrics import countable
 
 predict_mod = importlib.import_module("fdnc_jax.predict")
-GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 
 
 def pair_records(model: fd.Model, worms: list[fd.Worm]) -> list[tuple]:
