@@ -39,6 +39,7 @@ from fdnc_jax import auction
 __all__ = [
     "Matching",
     "assign_batch_device",
+    "check_device_solver",
     "color_log_likelihood",
     "hungarian_accuracy_batch",
     "hungarian_assignment_batch",
@@ -536,6 +537,18 @@ def hungarian_assignment_batch(scores: ArrayLike, valid: ArrayLike) -> jax.Array
 DEVICE_SOLVERS = ("hungarian", "auction")
 
 
+def check_device_solver(solver: object, name: str = "solver") -> str:
+    """``solver`` if it is one of ``DEVICE_SOLVERS``; ValueError naming ``name`` otherwise.
+
+    Example:
+      >>> check_device_solver("auction")
+      'auction'
+    """
+    if solver not in DEVICE_SOLVERS:
+        raise ValueError(f"{name} must be one of {DEVICE_SOLVERS}, got {solver!r}")
+    return solver
+
+
 def assign_batch_device(
     scores: jax.Array, valid: jax.Array, solver: str = "hungarian"
 ) -> jax.Array:
@@ -655,8 +668,7 @@ def match_batch_device(
         raise ValueError("give both template_color and test_color or none")
     if not np.isfinite(color_weight) or color_weight < 0:
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
-    if solver not in DEVICE_SOLVERS:
-        raise ValueError(f"solver must be one of {DEVICE_SOLVERS}, got {solver!r}")
+    check_device_solver(solver)
     n_valid = int(np.min(np.sum(np.asarray(template_mask), axis=-1), initial=np.iinfo(int).max))
     if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
         raise ValueError(f"top_k must be an int, got {type(top_k).__name__}")

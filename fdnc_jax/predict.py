@@ -818,9 +818,9 @@ def predict_batch(
     on_device = _matches_on_device(match_on, len(tests) * len(signs))
     if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
         raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
-    solver = DEVICE_SOLVER if device_solver is None else device_solver
-    if solver not in matching.DEVICE_SOLVERS:
-        raise ValueError(f"device_solver={solver!r} must be one of {matching.DEVICE_SOLVERS}")
+    solver = matching.check_device_solver(
+        DEVICE_SOLVER if device_solver is None else device_solver, "device_solver"
+    )
     if on_device:
         return _device_predictions(
             model,
