@@ -1,48 +1,49 @@
 """How should ``predict`` choose among the 4 orientation hypotheses? A study on real pairs.
 
 For canonical-pose models ``predict(orientation="auto")`` matches the test under the 4 proper 180°
-flips of its principal axes and keeps the flip whose one-to-one assignment has the highest mean
-network log-probability ("forward"). This script scores every flip of every pair several ways and
-prints the accuracy each criterion would give, next to the oracle (best flip per pair) and the
+flips of its principal axes and keeps one. This script scores every flip of every pair several ways
+and prints the accuracy each criterion would give, next to the oracle (best flip per pair) and the
 identity (no search):
 
-* forward: mean log-prob of the Hungarian assignment, template → test (the current criterion);
-* fwd+rev: plus the same for the reverse direction (the test as template, the template flipped);
-* cycle: cycle consistency — the fraction of test neurons whose forward assignment is assigned back
-  to them by the reverse assignment (ties: fwd+rev).
+* forward: mean score of the one-to-one (Hungarian) assignment, template → test;
+* before: cycle consistency of the network's own assignments (the fraction of test neurons whose
+  forward assignment the reverse direction — the test as template, the template flipped — assigns
+  back to them; ties: mean score both ways), without the color term: ``predict``'s criterion until
+  2026-11-26;
+* cycle: the same with the color term in both directions' scores when the prediction uses it;
+* affine: the median residual (µm) of the forward assignment after a robust affine fit
+  (``fdnc_jax.geometry``; smaller is better);
+* current: ``predict._orientation_key``, cycle − affine residual / 6 µm (what ``predict`` uses).
 
-Pair sets: every ordered pair of the held-out NP lab (90), and 120 random pairs across the other
-three labs (EY, SF, SK1; same handedness; animals seen in training). Positions only, no color term.
+Each criterion is scored for the position-only prediction (``pos``) and with the color term after
+the network (``+color``; the assignments the criterion looks at then include it too, except for
+``before``). Pair sets: per WormND lab, up to ``--pairs`` random ordered pairs of its animals (seed
+0; NP is held out from every bundled model's training, the other labs were training sources).
 
-Run:  FDNC_SHARED=/work/shared python benchmarks/orientation_study.py --weights=default,color
-The last line is ``orientation_study <weights>/<set>: forward=<%> cycle=<%> ...`` for the last set.
+Run:  FDNC_SHARED=/work/shared python benchmarks/orientation_study.py --weights=small,default,color
+Prints one Markdown table; the last line is
+``orientation_study <weights>/<lab>: before=<%> current=<%> oracle=<%>`` (``+color``, last row).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
+import random
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 import fdnc_jax as fd
-from fdnc_jax import matching
-from fdnc_jax.atlas import anatomical_handedness
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template
 from fdnc_jax.metrics import name_accuracy
 
 predict_mod = importlib.import_module("fdnc_jax.predict")
-
-
-def hypothesis_log_probs(model: fd.Model, template: fd.Worm, test: fd.Worm) -> list[np.ndarray]:
-    """[M, N + 1] network log-probs of ``test`` under each orientation hypothesis."""
-    signs = predict_mod.orientation_hypotheses(model, "auto")
-    found = predict_mod._hypothesis_log_probs(model, template, [test], signs)
-    return [found[0, h] for h in range(len(signs))]
+CRITERIA = ("identity", "forward", "before", "cycle", "affine", "current", "oracle")
 
 
 def accuracy(template: fd.Worm, test: fd.Worm, assignment: np.ndarray) -> float:
@@ -53,61 +54,74 @@ def accuracy(template: fd.Worm, test: fd.Worm, assignment: np.ndarray) -> float:
     return correct / counted
 
 
-def criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict[str, np.ndarray]:
-    """Per hypothesis [4]: accuracy and the criteria (forward, fwd+rev, cycle)."""
-    fwd = hypothesis_log_probs(model, template, test)
-    rev = hypothesis_log_probs(
-        model, test, template
-    )  # flipping the template = the same relative pose
-    out = {k: [] for k in ("accuracy", "forward", "fwd+rev", "cycle")}
-    for f, r in zip(fwd, rev, strict=True):
-        a_f, a_r = matching.match(f).assignment, matching.match(r).assignment
-        score_f, score_r = predict_mod._orientation_score(f), predict_mod._orientation_score(r)
-        back = np.flatnonzero(a_f >= 0)
-        out["accuracy"].append(accuracy(template, test, a_f))
-        out["forward"].append(score_f)
-        out["fwd+rev"].append(score_f + score_r)
-        cycle = float(np.mean(a_r[a_f[back]] == back)) if back.size else 0.0
-        out["cycle"].append(cycle + 1e-6 * (score_f + score_r))
-    return {k: np.asarray(v) for k, v in out.items()}
+def pair_criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict:
+    """Per mode ('pos', '+color') and criterion: the accuracy of the flip that criterion keeps."""
+    signs = predict_mod.orientation_hypotheses(model, "auto")
+    fwd = predict_mod._hypothesis_log_probs(model, template, [test], signs)
+    rev = predict_mod._reverse_log_probs(model, template, [test], signs)
+    color = predict_mod._color_term(template, test, True, fd.matching.DEFAULT_COLOR_WEIGHT)
+    out = {}
+    for mode, c in (("pos", None), ("+color", color)):
+        acc, keys = [], {k: [] for k in CRITERIA[1:-1]}
+        for h in range(len(signs)):
+            f, r = fwd[0, h], rev[0, h]
+            fc = predict_mod._with_color(f, c)
+            rc = predict_mod._with_color(r, predict_mod._transposed(c))
+            a_f, a_r = predict_mod._one_to_one(fc), predict_mod._one_to_one(rc)
+            acc.append(accuracy(template, test, a_f))
+            mean = predict_mod._mean_assigned(fc, a_f) + predict_mod._mean_assigned(rc, a_r)
+            residual = predict_mod._assignment_residual(a_f, test.xyz_um, template.xyz_um)
+            keys["forward"].append(predict_mod._mean_assigned(fc, a_f))
+            a_f0, a_r0 = predict_mod._one_to_one(f), predict_mod._one_to_one(r)  # network only
+            mean0 = predict_mod._mean_assigned(f, a_f0) + predict_mod._mean_assigned(r, a_r0)
+            keys["before"].append(predict_mod._cycle_key(a_f0, a_r0, mean0, 0.0))
+            keys["cycle"].append(predict_mod._cycle_key(a_f, a_r, mean, 0.0))
+            keys["affine"].append(-residual)
+            keys["current"].append(
+                predict_mod._orientation_key(f, r, test.xyz_um, template.xyz_um, c)
+            )
+        out[mode] = {"identity": acc[0], "oracle": max(acc)}
+        for k, v in keys.items():
+            out[mode][k] = acc[max(range(len(signs)), key=lambda h, v=v: v[h])]
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = Path(os.environ.get("FDNC_SHARED", "../shared"))
     parser.add_argument("--data", default=str(shared / "data" / "wormnd"))
-    parser.add_argument("--weights", default="default,color")
-    parser.add_argument("--cross_pairs", type=int, default=120)
+    parser.add_argument("--weights", default="small,default,color")
+    parser.add_argument("--labs", default="EY,NP,SF,SK1")
+    parser.add_argument("--pairs", type=int, default=90, help="ordered pairs per lab (at most)")
     args = parser.parse_args()
+    worms = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        worms = [_unique_template(fd.load_worm(p))[0] for p in resolve_worm_files(args.data)]
-    np_lab = [w for w in worms if lab_of(w) == "NP"]
-    others = [w for w in worms if lab_of(w) != "NP"]
-    rng = np.random.default_rng(0)
-    cross = []
-    while len(cross) < args.cross_pairs:
-        t, s = others[rng.integers(len(others))], others[rng.integers(len(others))]
-        if lab_of(t) != lab_of(s) and anatomical_handedness(t) == anatomical_handedness(s):
-            cross.append((t, s))
-    sets = {"NP": [(t, s) for t in np_lab for s in np_lab if s is not t], "cross-lab": cross}
+        for p in resolve_worm_files(args.data):
+            w = fd.load_worm(p)
+            worms.append(_unique_template(w.replace(meta={**w.meta, "worm": p.stem}))[0])
+    print("| weights | lab | mode | pairs | " + " | ".join(CRITERIA) + " |")
+    print("|---" * (len(CRITERIA) + 4) + "|")
     line = ""
     for name in args.weights.split(","):
         model = fd.load_pretrained(name)
-        for set_name, pairs in sets.items():
-            rows = [criteria(model, t, s) for t, s in pairs]
-            acc = np.stack([r["accuracy"] for r in rows])  # [P, 4]
-            idx = np.arange(len(rows))
-            result = {
-                c: 100 * acc[idx, np.stack([r[c] for r in rows]).argmax(1)].mean()
-                for c in ("forward", "fwd+rev", "cycle")
-            }
-            result["identity"] = 100 * acc[:, 0].mean()
-            result["oracle"] = 100 * acc.max(1).mean()
-            line = f"orientation_study {name}/{set_name}: " + " ".join(
-                f"{k}={v:.1f}" for k, v in result.items()
-            )
-            print(f"{line}  ({len(rows)} pairs)", flush=True)
+        for lab in args.labs.split(","):
+            animals = [w for w in worms if lab_of(w) == lab]
+            pairs = list(itertools.permutations(range(len(animals)), 2))
+            random.Random(0).shuffle(pairs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = [
+                    pair_criteria(model, animals[a], animals[b]) for a, b in pairs[: args.pairs]
+                ]
+            for mode in ("pos", "+color"):
+                mean = {k: 100 * np.mean([r[mode][k] for r in rows]) for k in CRITERIA}
+                cells = " | ".join(f"{mean[k]:.1f}" for k in CRITERIA)
+                print(f"| {name} | {lab} | {mode} | {len(rows)} | {cells} |", flush=True)
+                line = (
+                    f"orientation_study {name}/{lab}: before={mean['before']:.1f} "
+                    f"current={mean['current']:.1f} oracle={mean['oracle']:.1f}"
+                )
     print(line)
 
 

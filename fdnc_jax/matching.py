@@ -41,6 +41,7 @@ __all__ = [
     "assign_batch_device",
     "check_device_solver",
     "color_log_likelihood",
+    "device_color_log_likelihood",
     "hungarian_accuracy_batch",
     "hungarian_assignment_batch",
     "match",
@@ -574,6 +575,30 @@ def assign_batch_device(
     )
 
 
+def device_color_log_likelihood(template_color: jax.Array, test_color: jax.Array) -> jax.Array:
+    """``color_log_likelihood`` on the device, batched, for colors already normalised
+    (``normalize_color``): y·log(x) − y·log(y) summed over channels, x template, y test.
+
+    Args:
+      template_color: [B, N, 3] normalised template colors (zero rows: padding).
+      test_color: [B, M, 3] normalised test colors.
+
+    Returns:
+      [B, M, N] log-likelihoods (≤ 0 for real rows); padding rows stay finite (floored as
+      ``normalize_color`` does).
+
+    Example:
+      >>> c = jnp.asarray(normalize_color(np.eye(3) + 0.1))[None]
+      >>> ll = device_color_log_likelihood(c, c)
+      >>> np.allclose(np.asarray(ll[0]), color_log_likelihood(np.eye(3) + 0.1, np.eye(3) + 0.1),
+      ...             atol=1e-5)
+      True
+    """
+    log_x = jnp.log(jnp.maximum(template_color, COLOR_FLOOR))  # [B, N, 3]
+    y = jnp.maximum(test_color, COLOR_FLOOR)  # [B, M, 3]
+    return jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
+
+
 @functools.partial(jax.jit, static_argnames=("top_k", "solver"))
 def _match_batch_device(
     log_probs,
@@ -592,11 +617,7 @@ def _match_batch_device(
     network = jnp.where(pair_ok, log_probs[..., :n], -jnp.inf)  # [B, M, N]
     scores = network
     if template_color is not None:
-        # color_log_likelihood on normalised colors: y·log(x) − y·log(y).
-        # Floored as normalize_color does, so zero padding rows stay finite.
-        log_x = jnp.log(jnp.maximum(template_color, COLOR_FLOOR))  # [B, N, 3]
-        y = jnp.maximum(test_color, COLOR_FLOOR)  # [B, M, 3]
-        color = jnp.einsum("bmc,bnc->bmn", y, log_x) - jnp.sum(y * jnp.log(y), -1)[..., None]
+        color = device_color_log_likelihood(template_color, test_color)  # [B, M, N]
         scores = jnp.where(pair_ok, network + color_weight * color, -jnp.inf)
     assignment = assign_batch_device(scores, test_mask, solver)  # [B, M]
     has = assignment >= 0

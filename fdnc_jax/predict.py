@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdnc_jax import matching
+from fdnc_jax.geometry import robust_affine_residuals
 from fdnc_jax.io import atomic_write
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.pose import SIGN_FLIPS
@@ -37,6 +38,10 @@ from fdnc_jax.worm import Worm, to_model_units
 # above. The forward's cost grows with N + M, so a finer grid trades compiles (~0.8 s each for
 # the paper-size model on a 2-core CPU) for speed on every call.
 ORIENTATIONS = ("auto", "auto+mirror", "fixed")
+# The orientation search weighs the median affine residual of a hypothesis' correspondence against its
+# cycle consistency (``_orientation_key``): 6 µm of median residual cost as much as every test neuron
+# coming back (~ the spacing of neighbouring head neurons; fixed beforehand, not swept).
+ORIENTATION_RESIDUAL_UM = 6.0
 SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 1024)
 # predict_batch runs at most this many volumes per call (a power of two ≤ it). On an H100 the
 # paper-size forward ran at 0.7 k volumes/s in calls of 1, 13.5 k in calls of 64, 18.6 k in calls of
@@ -350,18 +355,27 @@ def _mean_assigned(log_probs: np.ndarray, assignment: np.ndarray) -> float:
     return float(np.mean(log_probs[rows, assignment[rows]]))
 
 
-def _reverse_chunks(model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray):
+def _reverse_chunks(
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    color_term: bool = False,
+):
     """The reverse direction of every hypothesis h of every test i: the template's neurons
     matched to test i, test i as template and the template flipped by ``signs[h]`` — the same
     relative pose as hypothesis h (each flip is its own inverse). Batched: one forward call per
     chunk of (test, hypothesis) pairs, each with its own template (on an accelerator, one call per
     test would be launch-bound).
 
-    Yields ``(part, (row_mask [b, N_b], col_mask [b, M_b]), log_probs)`` per chunk: ``part`` the
-    (test index, hypothesis index) of each row, ``log_probs`` the device array
-    [b, N_b, M_b + 1] (rows: template neurons), dispatched but not waited for.
+    Yields ``(part, (row_mask [b, N_b], col_mask [b, M_b], row_color, col_color), log_probs)`` per
+    chunk: ``part`` the (test index, hypothesis index) of each row, the colors the normalised
+    template [b, N_b, 3] and test [b, M_b, 3] colors when the model reads color or ``color_term``
+    (else None), ``log_probs`` the device array [b, N_b, M_b + 1] (rows: template neurons),
+    dispatched but not waited for.
     """
-    with_color = bool(model.config.color_features)
+    n_color = model.config.color_features
+    with_color = bool(n_color) or color_term
     n_bucket = bucket_size(template.n, "template")
     s_xyz, s_mask, s_color = _model_inputs(template, n_bucket, with_color, "template")
     forward = _compiled_forward(model)
@@ -371,17 +385,9 @@ def _reverse_chunks(model: Model, template: Worm, tests: Sequence[Worm], signs: 
     ):
         b = len(t_xyz)
         batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)  # noqa: E731
-        lp = forward(
-            model.params,
-            t_xyz,
-            t_mask,
-            batch(s_xyz),
-            batch(s_mask),
-            t_color,
-            batch(s_color),
-            b_signs,
-        )
-        yield part, (batch(s_mask), t_mask), lp
+        colors = (t_color, batch(s_color)) if n_color else (None, None)  # network color input
+        lp = forward(model.params, t_xyz, t_mask, batch(s_xyz), batch(s_mask), *colors, b_signs)
+        yield part, (batch(s_mask), t_mask, batch(s_color), t_color), lp
 
 
 def _reverse_log_probs(
@@ -408,34 +414,91 @@ def _unpadded_log_probs(chunks, rows_of, cols_of) -> dict[tuple[int, int], np.nd
     return found
 
 
-def _orientation_key(forward: np.ndarray, reverse: np.ndarray) -> tuple[float, float]:
-    """How well a hypothesis explains the pair, compared as a tuple: (cycle consistency, mean
-    log-prob both ways). Cycle consistency = the fraction of test neurons whose one-to-one
-    assignment (``forward`` [M, N + 1]) is assigned back to them by the reverse one (``reverse``
-    [N, M + 1]). Measured with ``benchmarks/orientation_study.py`` against the forward mean
-    log-prob alone (the criterion before): 41.6 → 42.2 % (``default``) and 58.3 → 59.3 %
-    (``color``) on the 90 held-out NP pairs, 35.7 → 38.8 % and 52.7 → 69.3 % on 120 pairs across
-    the training labs."""
+def _with_color(log_probs: np.ndarray, color: np.ndarray | None) -> np.ndarray:
+    """``log_probs`` [R, C + 1] with ``color`` [R, C] (the weighted color term) added to the
+    non-outlier columns; unchanged when ``color`` is None."""
+    if color is None:
+        return log_probs
+    return np.concatenate([log_probs[:, :-1] + color, log_probs[:, -1:]], axis=1)
+
+
+def _orientation_key(
+    forward: np.ndarray,
+    reverse: np.ndarray,
+    test_um: np.ndarray,
+    template_um: np.ndarray,
+    color: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """How well a hypothesis explains the pair, compared as a tuple: (cycle consistency − median
+    affine residual / ``ORIENTATION_RESIDUAL_UM``, mean score both ways).
+
+    Cycle consistency = the fraction of test neurons whose one-to-one assignment (``forward``
+    [M, N + 1]) is assigned back to them by the reverse one (``reverse`` [N, M + 1]). The affine
+    residual: the median distance (µm) between the assigned template neurons (``template_um``
+    [N, 3]) and the robust affine image of their test neurons (``test_um`` [M, 3]) — a right
+    orientation gives a correspondence one smooth map explains (``fdnc_jax.geometry``).
+    ``color`` [M, N]: the weighted color term, added to both directions' scores when the
+    prediction uses it (the kept flip is the one whose matching the color term agrees with).
+
+    Measured with ``benchmarks/orientation_study.py`` on within-lab pairs of the 4 WormND labs
+    (90 per lab), against the cycle consistency of the network alone (the criterion before):
+    ``small`` + color term 27.9 / 35.4 / 46.8 / 30.4 → 30.8 / 40.9 / 55.0 / 31.8 % (EY / NP / SF /
+    SK1), ``default`` + color term 55.1 / 53.0 / 57.8 / 46.0 → 55.2 / 53.3 / 65.2 / 46.5 %,
+    ``color`` 81.7 / 59.3 / 76.8 / 55.9 → 81.3 / 59.4 / 80.2 / 56.5 %."""
+    forward, reverse = _with_color(forward, color), _with_color(reverse, _transposed(color))
     a_f, a_r = _one_to_one(forward), _one_to_one(reverse)
-    return _cycle_key(a_f, a_r, _mean_assigned(forward, a_f) + _mean_assigned(reverse, a_r))
+    mean = _mean_assigned(forward, a_f) + _mean_assigned(reverse, a_r)
+    return _cycle_key(a_f, a_r, mean, _assignment_residual(a_f, test_um, template_um))
 
 
-def _cycle_key(a_f: np.ndarray, a_r: np.ndarray, mean_log_prob: float) -> tuple[float, float]:
+def _transposed(color: np.ndarray | None) -> np.ndarray | None:
+    return None if color is None else color.T
+
+
+def _assignment_residual(a_f: np.ndarray, test_um: np.ndarray, template_um: np.ndarray) -> float:
+    """Median robust-affine residual (µm) of the assignment ``a_f`` [M] (template index, −1 none)
+    from ``test_um`` [M, 3] to ``template_um`` [N, 3]; 0 when nothing is assigned."""
+    rows = np.flatnonzero(a_f >= 0)
+    if not rows.size:
+        return 0.0
+    return float(np.median(robust_affine_residuals(test_um[rows], template_um[a_f[rows]])))
+
+
+def _cycle_key(
+    a_f: np.ndarray, a_r: np.ndarray, mean_log_prob: float, residual_um: float
+) -> tuple[float, float]:
     """(fraction of the assigned test neurons that ``a_r`` [N] maps back to themselves through
-    ``a_f`` [M], ``mean_log_prob``): the key of ``_orientation_key``."""
+    ``a_f`` [M] − ``residual_um`` / ``ORIENTATION_RESIDUAL_UM``, ``mean_log_prob``): the key of
+    ``_orientation_key``."""
     back = np.flatnonzero(a_f >= 0)
     cycle = float(np.mean(a_r[a_f[back]] == back)) if back.size else 0.0
-    return cycle, float(mean_log_prob)
+    return cycle - residual_um / ORIENTATION_RESIDUAL_UM, float(mean_log_prob)
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
-def _device_one_to_one(log_probs, row_mask, col_mask, *, solver):
+@functools.partial(jax.jit, static_argnames=("solver", "transpose_color"))
+def _device_one_to_one(
+    log_probs,
+    row_mask,
+    col_mask,
+    template_color,
+    test_color,
+    color_weight,
+    *,
+    solver,
+    transpose_color,
+):
     """Device ``_one_to_one`` and ``_mean_assigned`` of a chunk: [b, R, C + 1] log-probs (last
     column the outlier), row / column masks [b, R], [b, C] → ([b, R] int32 column per row, −1
-    none; [b] mean log-prob of the assigned cells)."""
+    none; [b] mean score of the assigned cells). With colors (normalised, template [b, N, 3] and
+    test [b, M, 3]), ``color_weight`` × the color term [b, M, N] is added to the scores first,
+    transposed to [b, N, M] for the reverse direction (``transpose_color``)."""
     c = log_probs.shape[-1] - 1
     ok = row_mask[:, :, None] & col_mask[:, None, :]
-    scores = jnp.where(ok, log_probs[..., :c], -jnp.inf)  # [b, R, C]
+    scores = log_probs[..., :c]  # [b, R, C]
+    if template_color is not None:
+        color = matching.device_color_log_likelihood(template_color, test_color)  # [b, M, N]
+        scores = scores + color_weight * (jnp.swapaxes(color, 1, 2) if transpose_color else color)
+    scores = jnp.where(ok, scores, -jnp.inf)
     assignment = matching.assign_batch_device(scores, row_mask, solver)  # [b, R]
     has = assignment >= 0
     picked = jnp.take_along_axis(scores, jnp.maximum(assignment, 0)[..., None], -1)[..., 0]
@@ -444,16 +507,20 @@ def _device_one_to_one(log_probs, row_mask, col_mask, *, solver):
 
 
 def _device_orientations(
-    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray, solver: str
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    solver: str,
+    use_color: bool = False,
+    color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
 ) -> np.ndarray:
     """``_choose_orientations`` with the one-to-one assignments of both directions on the device
-    (``solver``: one of ``matching.DEVICE_SOLVERS``): only the assignments and their mean
-    log-probs come back, not the [M, N + 1] log-probs of every hypothesis, and no host Hungarian
-    runs. [B] kept hypothesis."""
+    (``solver``: one of ``matching.DEVICE_SOLVERS``; with the color term when ``use_color``):
+    only the assignments and their mean scores come back, not the [M, N + 1] log-probs of every
+    hypothesis, and no host Hungarian runs (the affine residual of each assignment is a small
+    host fit). [B] kept hypothesis."""
     found: dict[str, dict[tuple[int, int], tuple[np.ndarray, float]]] = {"f": {}, "r": {}}
-
-    def dispatch(row_mask, col_mask, lp):
-        return _device_one_to_one(lp, row_mask, col_mask, solver=solver)
 
     def collector(direction: str, sizes):
         def collect(part, out):
@@ -463,23 +530,39 @@ def _device_orientations(
 
         return collect
 
-    forward = _forward_chunks(model, template, tests, signs)
+    def dispatch_forward(part, inputs, lp):
+        t_mask, s_mask, t_color, s_color = inputs
+        b = lp.shape[0]
+        t_mask = np.broadcast_to(t_mask, (b,) + t_mask.shape)
+        colors = (
+            (np.broadcast_to(t_color, (b,) + t_color.shape), s_color) if use_color else (None, None)
+        )
+        return _device_one_to_one(
+            lp, s_mask, t_mask, *colors, color_weight, solver=solver, transpose_color=False
+        )
+
+    def dispatch_reverse(part, inputs, lp):
+        row_mask, col_mask, row_color, col_color = inputs
+        colors = (row_color, col_color) if use_color else (None, None)
+        return _device_one_to_one(
+            lp, row_mask, col_mask, *colors, color_weight, solver=solver, transpose_color=True
+        )
+
     _pipelined(
-        forward,
-        lambda part, inputs, lp: dispatch(
-            inputs[1], np.broadcast_to(inputs[0], (lp.shape[0],) + inputs[0].shape), lp
-        ),
+        _forward_chunks(model, template, tests, signs, use_color),
+        dispatch_forward,
         collector("f", lambda i: tests[i].n),
     )
     _pipelined(
-        _reverse_chunks(model, template, tests, signs),
-        lambda part, masks, lp: dispatch(*masks, lp),
+        _reverse_chunks(model, template, tests, signs, use_color),
+        dispatch_reverse,
         collector("r", lambda i: template.n),
     )
 
     def key(i: int, h: int) -> tuple[float, float]:
         (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
-        return _cycle_key(a_f, a_r, mean_f + mean_r)
+        residual = _assignment_residual(a_f, tests[i].xyz_um, template.xyz_um)
+        return _cycle_key(a_f, a_r, mean_f + mean_r, residual)
 
     return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
 
@@ -490,9 +573,12 @@ def _choose_orientations(
     tests: Sequence[Worm],
     signs: np.ndarray,
     forward: dict[tuple[int, int], np.ndarray],
+    use_color: bool = False,
+    color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
 ) -> np.ndarray:
     """[B] index of the kept hypothesis per test (``_orientation_key``), given the forward
-    log-probs ``forward[i, h]`` [M_i, N + 1]; 0 when there is one hypothesis."""
+    log-probs ``forward[i, h]`` [M_i, N + 1]; 0 when there is one hypothesis. ``use_color``: the
+    color term (× ``color_weight``) enters the hypotheses' assignments, as in the final matching."""
     k = len(signs)
     if k == 1:
         return np.zeros((len(tests),), np.int64)
@@ -500,9 +586,27 @@ def _choose_orientations(
     reverse = _reverse_log_probs(model, template, tests, signs)
 
     def choose(i: int) -> int:
-        return max(range(k), key=lambda h: _orientation_key(forward[i, h], reverse[i, h]))
+        color = _color_term(template, tests[i], use_color, color_weight)
+        return max(
+            range(k),
+            key=lambda h: _orientation_key(
+                forward[i, h], reverse[i, h], tests[i].xyz_um, template.xyz_um, color
+            ),
+        )
 
     return np.asarray(_host_map(choose, range(len(tests))), np.int64)
+
+
+def _color_term(
+    template: Worm, test: Worm, use_color: bool, color_weight: float
+) -> np.ndarray | None:
+    """[M, N] the weighted color log-likelihood added to the network's scores, None without color."""
+    colors = _color_kwargs(template, test, use_color, color_weight)
+    if not colors:
+        return None
+    return color_weight * matching.color_log_likelihood(
+        colors["template_color"], colors["test_color"]
+    )
 
 
 def _forward_chunks(
@@ -604,12 +708,18 @@ def _hypothesis_log_probs(
 
 
 def _log_probs(
-    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    use_color: bool = False,
+    color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Network log-probs [M_i, N + 1] per test worm (unpadded) under its best orientation
-    hypothesis (one of ``signs`` [K, 3]), batched per bucket; and the chosen hypothesis per test."""
+    hypothesis (one of ``signs`` [K, 3], chosen with the color term when ``use_color``), batched
+    per bucket; and the chosen hypothesis per test."""
     found = _hypothesis_log_probs(model, template, tests, signs)
-    chosen = _choose_orientations(model, template, tests, signs, found)
+    chosen = _choose_orientations(model, template, tests, signs, found, use_color, color_weight)
     return [found[i, h] for i, h in enumerate(chosen)], chosen
 
 
@@ -628,7 +738,11 @@ def _device_predictions(
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
     hypotheses the kept one is chosen first, also on the device (``_device_orientations``: both
     directions' one-to-one assignments), then only it is matched (with the color term if asked)."""
-    chosen = _device_orientations(model, template, tests, signs, solver) if len(signs) > 1 else None
+    chosen = None
+    if len(signs) > 1:
+        chosen = _device_orientations(
+            model, template, tests, signs, solver, use_color, color_weight
+        )
     found: dict[int, dict[str, np.ndarray]] = {}
 
     def dispatch(part, inputs, lp):
@@ -791,9 +905,11 @@ def predict_batch(
         temperature fitted on labelled real pairs; ``model.with_temperature(1.0)``: the raw ones).
       orientation: for canonical-pose models, which orientations of the test to try (each test is
         matched under every hypothesis in both directions, and the hypothesis whose one-to-one
-        assignments agree most — cycle consistency — is kept; twice the forwards): "auto" the 4 proper
-        180° flips of its principal axes, "auto+mirror" also their mirror images (worms whose side
-        is unknown; a wrong choice swaps left/right names), "fixed" none.
+        assignments agree most — cycle consistency — and whose correspondence one affine map explains
+        best is kept, ``_orientation_key``; with the color term when ``use_color``; twice the
+        forwards): "auto" the 4 proper 180° flips of its principal axes, "auto+mirror" also their
+        mirror images (worms whose side is unknown; a wrong choice swaps left/right names), "fixed"
+        none.
       match_on: where the one-to-one assignment, softmax and top-k run: "host" (scipy, float64;
         a thread pool for many volumes), "device" (``matching.match_batch_device``: jitted and
         batched with the forward, float32 — for accelerators, where a host loop would cap the
@@ -833,7 +949,7 @@ def predict_batch(
             min_probability,
             solver,
         )
-    all_log_probs, chosen = _log_probs(model, template, tests, signs)
+    all_log_probs, chosen = _log_probs(model, template, tests, signs, use_color, color_weight)
     return _host_map(
         lambda i: _prediction(
             all_log_probs[i],
@@ -952,7 +1068,7 @@ def predict_ensemble(
     for t in templates:
         t_use_color = _check_inputs(model, t, [test], use_color, min(top_k, t.n), min_probability)
         colors = _color_kwargs(t, test, t_use_color, color_weight)
-        (lp,), _ = _log_probs(model, t, [test], signs)  # [M, N_t + 1]
+        (lp,), _ = _log_probs(model, t, [test], signs, t_use_color, color_weight)  # [M, N_t + 1]
         probs = matching.row_softmax(matching.match_scores(lp, **colors))  # [M, N_t]
         column = np.searchsorted(names, t.names[t.labelled])
         votes[:, column] += probs[:, t.labelled]

@@ -1,0 +1,59 @@
+"""fdnc_jax.geometry: the robust affine residual of a correspondence."""
+
+import numpy as np
+import pytest
+
+from fdnc_jax.geometry import robust_affine_residuals
+
+
+def _cloud(seed: int, k: int = 60) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-40, 40, (k, 3))  # [K, 3] µm
+
+
+def test_an_affine_copy_has_zero_residual_reflections_included():
+    x = _cloud(0)
+    a = np.array([[0.9, 0.3, 0.0], [-0.2, 1.1, 0.1], [0.0, 0.1, -1.2]])  # det < 0: a mirror image
+    y = x @ a.T + [3.0, -8.0, 2.0]
+    np.testing.assert_allclose(robust_affine_residuals(x, y), 0.0, atol=1e-9)
+
+
+def test_a_minority_of_wrong_pairs_does_not_move_the_fit():
+    """20 % of the pairs scrambled: the right ones keep ~0 residual (a plain least-squares fit
+    would spread the error over all), the wrong ones stand out."""
+    rng = np.random.default_rng(1)
+    x = _cloud(1, 100)
+    y = x * 1.05 + 4.0
+    wrong = rng.choice(100, 20, replace=False)
+    y[wrong] = y[rng.permutation(wrong)]
+    r = robust_affine_residuals(x, y)
+    right = np.setdiff1d(np.arange(100), wrong)
+    moved = wrong[np.linalg.norm(x[wrong] * 1.05 + 4.0 - y[wrong], axis=1) > 1.0]
+    assert np.median(r[right]) < 0.5
+    assert np.min(r[moved]) > 1.0
+    plain = robust_affine_residuals(x, y, iterations=1)  # one round = ordinary least squares
+    assert np.median(plain[right]) > 4 * np.median(r[right])
+
+
+def test_a_scrambled_correspondence_has_a_large_median_residual():
+    x = _cloud(2)
+    y = x[np.random.default_rng(2).permutation(len(x))]
+    assert np.median(robust_affine_residuals(x, y)) > 10.0
+
+
+@pytest.mark.parametrize(
+    "source,target,message",
+    [
+        (np.zeros((5, 2)), np.zeros((5, 2)), r"\[K, 3\]"),
+        (np.zeros((5, 3)), np.zeros((6, 3)), r"\[K, 3\]"),
+        (np.zeros((0, 3)), np.zeros((0, 3)), "empty"),
+        (np.full((5, 3), np.nan), np.zeros((5, 3)), "finite"),
+    ],
+)
+def test_bad_input_is_named(source, target, message):
+    with pytest.raises(ValueError, match=message):
+        robust_affine_residuals(source, target)
+
+
+def test_iterations_must_be_positive():
+    with pytest.raises(ValueError, match="iterations"):
+        robust_affine_residuals(_cloud(3), _cloud(3), iterations=0)
