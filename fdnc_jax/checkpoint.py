@@ -382,7 +382,7 @@ def load_pretrained(name: str = "default") -> Model:
       input; template and test worms need color. The best model for NeuroPAL animals.
     * ``"small"`` (``fdnc_small``): ``configs/small.py``, a 150 k-parameter network with
       distance-biased attention trained for 30 minutes on 2 CPU cores; ~3x faster on a CPU, less
-      accurate (24 % vs 42 % on real NP pairs from positions).
+      accurate (26 % vs 43 % on real NP pairs from positions).
 
     Args:
       name: "default", "color", "small", or the file name ``fdnc_jax/data/<name>.npz``.
