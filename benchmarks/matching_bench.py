@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -33,6 +32,7 @@ import fdnc_jax as fd
 from fdnc_jax import auction, matching
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 from volumes import BATCH_NEURONS, tracking_volumes  # noqa: E402
 
 predict_mod = importlib.import_module("fdnc_jax.predict")
@@ -44,13 +44,8 @@ MIN_SECONDS = 2.0
 
 
 def throughput(fn, batch: int) -> float:
-    """Volumes/s: ``fn`` repeated for at least MIN_SECONDS (and twice) after one warm-up."""
-    fn()
-    runs, t0 = 0, time.perf_counter()
-    while runs < 2 or time.perf_counter() - t0 < MIN_SECONDS:
-        fn()
-        runs += 1
-    return batch * runs / (time.perf_counter() - t0)
+    """Volumes per second of ``fn`` (one call = ``batch`` volumes; ``timing.throughput``)."""
+    return timing.throughput(fn, batch, MIN_SECONDS)
 
 
 def _total(scores: np.ndarray, assignment: np.ndarray) -> np.ndarray:

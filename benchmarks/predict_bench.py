@@ -50,7 +50,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # torch's OpenMP workers spin-wait by default: on a machine where another process holds a core,
@@ -70,6 +69,8 @@ from fdnc_jax import matching  # noqa: E402
 from fdnc_jax.worm import to_model_units  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+from timing import timed  # noqa: E402
 from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
 from volumes import BATCH_NEURONS, tracking_volumes  # noqa: E402
 
@@ -93,19 +94,9 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def throughput(fn, batch: int) -> float:
-    """Volumes per second of ``fn`` (one call = ``batch`` volumes), after one warm-up call."""
-    fn()
-    times = []
-    while len(times) < 2 or sum(times) < MIN_SECONDS:
-        times.append(timed(fn))
-    return batch / statistics.median(times)
+    """Volumes per second of ``fn`` (one call = ``batch`` volumes; ``timing.throughput``)."""
+    return timing.throughput(fn, batch, MIN_SECONDS)
 
 
 # On a GPU run (JAX sees a GPU and torch has CUDA) the torch side runs on the GPU too, with TF32

@@ -342,13 +342,6 @@ def _one_to_one(log_probs: np.ndarray) -> np.ndarray:
     return assignment
 
 
-def _orientation_score(log_probs: np.ndarray) -> float:
-    """The mean log-prob of a hypothesis' one-to-one assignment (Hungarian over the template
-    columns): how well it explains the test, without rewarding many test neurons piled onto a few
-    template neurons (the earlier per-row maximum did)."""
-    return _mean_assigned(log_probs, _one_to_one(log_probs))
-
-
 def _mean_assigned(log_probs: np.ndarray, assignment: np.ndarray) -> float:
     """Mean of ``log_probs`` [M, N + 1] over the assigned cells of ``assignment`` [M]."""
     rows = np.flatnonzero(assignment >= 0)

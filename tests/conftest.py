@@ -1,5 +1,7 @@
 """Shared fixtures: a PRNG key, the real-data root (gated on FDNC_SHARED), tiny worms."""
 
+import gc
+import importlib
 import os
 import pathlib
 
@@ -15,6 +17,27 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    """Drops every compiled executable after each test file. Each XLA:CPU executable keeps ~5
+    memory mappings for the life of the process; the whole suite in one process compiled enough
+    of them to reach Linux's 65,530 mappings per process (``vm.max_map_count``), and the next
+    compile aborted inside XLA (measured: 63,665 mappings at the crash). The persistent cache
+    makes the recompiles in later files disk reads."""
+    yield
+    jax.clear_caches()
+    for cached in _library_function_caches():
+        cached.cache_clear()
+    gc.collect()
+
+
+def _library_function_caches():
+    """The package's own lru caches of jitted functions (they hold models and executables)."""
+    predict = importlib.import_module("fdnc_jax.predict")  # fdnc_jax.predict is the function.
+    evaluate = importlib.import_module("fdnc_jax.evaluate")
+    return (predict._compiled_forward, evaluate._sim_forward)
 
 
 @pytest.fixture(scope="session")

@@ -390,18 +390,6 @@ def test_ensemble_bad_input(model):
         fd.predict(model, [template, template.replace(names=None)], test)
 
 
-def test_orientation_score_prefers_a_one_to_one_explanation():
-    """All test neurons wanting one template neuron explain the test worse than a clean diagonal."""
-    import importlib
-
-    P = importlib.import_module("fdnc_jax.predict")
-    outlier = np.full((3, 1), -9.0)
-    piled = np.concatenate([np.array([[0.0, -5.0, -5.0]] * 3), outlier], axis=1)  # [M, N + 1]
-    diagonal = np.concatenate([np.full((3, 3), -5.0) + np.eye(3) * 4.5, outlier], axis=1)
-    assert P._orientation_score(diagonal) > P._orientation_score(piled)
-    assert P._orientation_score(diagonal) == pytest.approx(-0.5)
-
-
 def test_orientation_key_prefers_cycle_consistent_hypotheses():
     """The kept hypothesis is the one whose forward and reverse assignments agree (then the mean
     log-prob both ways): a confident but inconsistent reverse loses to a consistent one. (Four
