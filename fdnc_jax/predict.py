@@ -354,8 +354,10 @@ def _reverse_chunks(
     tests: Sequence[Worm],
     signs: np.ndarray,
     color_term: bool = False,
+    items: Sequence[tuple[int, int]] | None = None,
 ):
-    """The reverse direction of every hypothesis h of every test i: the template's neurons
+    """The reverse direction of every hypothesis h of every test i (or of the (i, h) ``items``
+    only): the template's neurons
     matched to test i, test i as template and the template flipped by ``signs[h]`` — the same
     relative pose as hypothesis h (each flip is its own inverse). Batched: one forward call per
     chunk of (test, hypothesis) pairs, each with its own template (on an accelerator, one call per
@@ -372,7 +374,7 @@ def _reverse_chunks(
     n_bucket = bucket_size(template.n, "template")
     s_xyz, s_mask, s_color = _model_inputs(template, n_bucket, with_color, "template")
     forward = _compiled_forward(model)
-    groups = _hypothesis_groups(tests, signs)
+    groups = _hypothesis_groups(tests, signs, items=items)
     for part, t_xyz, t_mask, t_color, b_signs in _padded_tests(
         model, tests, groups, n_bucket, signs, with_color
     ):
@@ -384,11 +386,15 @@ def _reverse_chunks(
 
 
 def _reverse_log_probs(
-    model: Model, template: Worm, tests: Sequence[Worm], signs: np.ndarray
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    items: Sequence[tuple[int, int]] | None = None,
 ) -> dict[tuple[int, int], np.ndarray]:
     """[N, M_i + 1] log-probs of the reverse direction (``_reverse_chunks``) of every hypothesis h
-    of every test i, keyed ``(i, h)``."""
-    chunks = _reverse_chunks(model, template, tests, signs)
+    of every test i (or of the (i, h) ``items`` only), keyed ``(i, h)``."""
+    chunks = _reverse_chunks(model, template, tests, signs, items=items)
     return _unpadded_log_probs(chunks, lambda i: template.n, lambda i: tests[i].n)
 
 
@@ -438,10 +444,28 @@ def _orientation_key(
     ``small`` + color term 27.9 / 35.4 / 46.8 / 30.4 → 30.8 / 40.9 / 55.0 / 31.8 % (EY / NP / SF /
     SK1), ``default`` + color term 55.1 / 53.0 / 57.8 / 46.0 → 55.2 / 53.3 / 65.2 / 46.5 %,
     ``color`` 81.7 / 59.3 / 76.8 / 55.9 → 81.3 / 59.4 / 80.2 / 56.5 %."""
-    forward, reverse = _with_color(forward, color), _with_color(reverse, _transposed(color))
-    a_f, a_r = _one_to_one(forward), _one_to_one(reverse)
-    mean = _mean_assigned(forward, a_f) + _mean_assigned(reverse, a_r)
-    return _cycle_key(a_f, a_r, mean, _assignment_residual(a_f, test_um, template_um))
+    return _reverse_key(_forward_side(forward, test_um, template_um, color), reverse, color)
+
+
+def _forward_side(
+    forward: np.ndarray, test_um: np.ndarray, template_um: np.ndarray, color: np.ndarray | None
+) -> tuple[np.ndarray, float, float]:
+    """The forward half of ``_orientation_key``: (one-to-one assignment [M], its mean score, its
+    median affine residual in µm) of ``forward`` [M, N + 1] (+ ``color`` [M, N])."""
+    scores = _with_color(forward, color)
+    a_f = _one_to_one(scores)
+    return a_f, _mean_assigned(scores, a_f), _assignment_residual(a_f, test_um, template_um)
+
+
+def _reverse_key(
+    side: tuple[np.ndarray, float, float], reverse: np.ndarray, color: np.ndarray | None
+) -> tuple[float, float]:
+    """``_orientation_key`` from the forward half ``side`` (``_forward_side``) and the reverse
+    log-probs [N, M + 1] (+ ``color`` [M, N], transposed)."""
+    a_f, mean_f, residual = side
+    scores = _with_color(reverse, _transposed(color))
+    a_r = _one_to_one(scores)
+    return _cycle_key(a_f, a_r, mean_f + _mean_assigned(scores, a_r), residual)
 
 
 def _transposed(color: np.ndarray | None) -> np.ndarray | None:
@@ -571,23 +595,47 @@ def _choose_orientations(
 ) -> np.ndarray:
     """[B] index of the kept hypothesis per test (``_orientation_key``), given the forward
     log-probs ``forward[i, h]`` [M_i, N + 1]; 0 when there is one hypothesis. ``use_color``: the
-    color term (× ``color_weight``) enters the hypotheses' assignments, as in the final matching."""
+    color term (× ``color_weight``) enters the hypotheses' assignments, as in the final matching.
+
+    Branch and bound over the reverse forwards, exact: the key's first entry is at most
+    1 − residual / ``ORIENTATION_RESIDUAL_UM`` (cycle consistency ≤ 1) and the residual needs only
+    the forward direction, so the hypotheses' reverse directions run in order of increasing
+    residual (one batched round per rank, all tests at once) and a hypothesis whose bound is
+    below the best key found is never run. The choice is the full search's (tested); on the
+    within-lab pairs of ``benchmarks/orientation_study.py`` 1.8 (``default``), 2.2 (``color``) and
+    1.9 (``small``) of the 4 reverse forwards ran per pair on average."""
     k = len(signs)
     if k == 1:
         return np.zeros((len(tests),), np.int64)
+    colors = [_color_term(template, t, use_color, color_weight) for t in tests]
+    sides = _host_map(
+        lambda i: [
+            _forward_side(forward[i, h], tests[i].xyz_um, template.xyz_um, colors[i])
+            for h in range(k)
+        ],
+        range(len(tests)),
+    )
+    keys: dict[tuple[int, int], tuple[float, float]] = {}
 
-    reverse = _reverse_log_probs(model, template, tests, signs)
+    def next_hypothesis(i: int) -> int | None:
+        """The unexamined hypothesis of test i with the smallest residual that could still win."""
+        best = max((keys[i, h][0] for h in range(k) if (i, h) in keys), default=-np.inf)
+        open_ = [h for h in range(k) if (i, h) not in keys]
+        bound = {h: 1.0 - sides[i][h][2] / ORIENTATION_RESIDUAL_UM for h in open_}
+        live = [h for h in open_ if bound[h] >= best]
+        return min(live, key=lambda h: sides[i][h][2]) if live else None
+
+    pending = [(i, h) for i in range(len(tests)) if (h := next_hypothesis(i)) is not None]
+    while pending:
+        reverse = _reverse_log_probs(model, template, tests, signs, items=pending)
+        for i, h in pending:
+            keys[i, h] = _reverse_key(sides[i][h], reverse[i, h], colors[i])
+        pending = [(i, h) for i, _ in pending if (h := next_hypothesis(i)) is not None]
 
     def choose(i: int) -> int:
-        color = _color_term(template, tests[i], use_color, color_weight)
-        return max(
-            range(k),
-            key=lambda h: _orientation_key(
-                forward[i, h], reverse[i, h], tests[i].xyz_um, template.xyz_um, color
-            ),
-        )
+        return max((h for h in range(k) if (i, h) in keys), key=lambda h: keys[i, h])
 
-    return np.asarray(_host_map(choose, range(len(tests))), np.int64)
+    return np.asarray([choose(i) for i in range(len(tests))], np.int64)
 
 
 def _color_term(
@@ -634,15 +682,22 @@ def _forward_chunks(
 
 
 def _hypothesis_groups(
-    tests: Sequence[Worm], signs: np.ndarray, chosen: np.ndarray | None = None
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    chosen: np.ndarray | None = None,
+    items: Sequence[tuple[int, int]] | None = None,
 ) -> dict[int, list[tuple[int, int]]]:
     """(test index, hypothesis index) items grouped by the tests' size bucket: every hypothesis of
-    ``signs`` [K, 3], or only ``chosen[i]`` for test i."""
+    ``signs`` [K, 3], only ``chosen[i]`` for test i, or exactly ``items``."""
+    if items is None:
+        items = [
+            (i, h)
+            for i in range(len(tests))
+            for h in (range(len(signs)) if chosen is None else [int(chosen[i])])
+        ]
     groups: dict[int, list[tuple[int, int]]] = {}
-    for i, t in enumerate(tests):
-        bucket = bucket_size(t.n, f"test worm {i}")
-        hypotheses = range(len(signs)) if chosen is None else [int(chosen[i])]
-        groups.setdefault(bucket, []).extend((i, h) for h in hypotheses)
+    for i, h in items:
+        groups.setdefault(bucket_size(tests[i].n, f"test worm {i}"), []).append((i, h))
     return groups
 
 
@@ -899,10 +954,10 @@ def predict_batch(
       orientation: for canonical-pose models, which orientations of the test to try (each test is
         matched under every hypothesis in both directions, and the hypothesis whose one-to-one
         assignments agree most — cycle consistency — and whose correspondence one affine map explains
-        best is kept, ``_orientation_key``; with the color term when ``use_color``; twice the
-        forwards): "auto" the 4 proper 180° flips of its principal axes, "auto+mirror" also their
-        mirror images (worms whose side is unknown; a wrong choice swaps left/right names), "fixed"
-        none.
+        best is kept, ``_orientation_key``; with the color term when ``use_color``; the reverse
+        direction only for hypotheses that can still win): "auto" the 4 proper 180° flips of its
+        principal axes, "auto+mirror" also their mirror images (worms whose side is unknown; a
+        wrong choice swaps left/right names), "fixed" none.
       match_on: where the one-to-one assignment, softmax and top-k run: "host" (scipy, float64;
         a thread pool for many volumes), "device" (``matching.match_batch_device``: jitted and
         batched with the forward, float32 — for accelerators, where a host loop would cap the

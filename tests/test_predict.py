@@ -579,3 +579,44 @@ def test_model_temperature_reaches_predictions_and_survives_save_load(tmp_path, 
     assert fd.load_pretrained("color").temperature > 1
     with pytest.raises(ValueError, match="temperature"):
         model.with_temperature(0.0)
+
+
+@pytest.mark.parametrize("use_color", [False, True])
+def test_orientation_branch_and_bound_keeps_the_full_searchs_choice(demo, monkeypatch, use_color):
+    """_choose_orientations runs the reverse direction only for hypotheses whose bound can still
+    win, yet keeps what scoring every hypothesis both ways keeps — for tests of several buckets, some
+    turned 180° — and it does skip some reverse forwards."""
+    model = fd.load_pretrained("small")
+    template, test = demo
+    rng = np.random.default_rng(3)
+    tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(80))]
+    tests += [t.replace(xyz_um=t.xyz_um * np.array([1.0, -1.0, -1.0])) for t in tests]  # turned
+    signs = predict_mod.orientation_hypotheses(model, "auto")
+    forward = predict_mod._hypothesis_log_probs(model, template, tests, signs)
+    reverse = predict_mod._reverse_log_probs(model, template, tests, signs)
+    full = []
+    for i, t in enumerate(tests):
+        color = predict_mod._color_term(template, t, use_color, 60.0)
+        keys = [
+            predict_mod._orientation_key(
+                forward[i, h], reverse[i, h], t.xyz_um, template.xyz_um, color
+            )
+            for h in range(len(signs))
+        ]
+        full.append(int(np.argmax([k[0] + 1e-9 * k[1] for k in keys])))
+
+    run = []
+    original = predict_mod._reverse_log_probs
+
+    def counting(*args, items=None):
+        run.extend(items)
+        return original(*args, items=items)
+
+    monkeypatch.setattr(predict_mod, "_reverse_log_probs", counting)
+    chosen = predict_mod._choose_orientations(
+        model, template, tests, signs, forward, use_color, 60.0
+    )
+    np.testing.assert_array_equal(chosen, full)
+    if not use_color:  # positions alone: the search does keep different flips for these tests
+        assert len(set(full)) > 1
+    assert len(run) == len(set(run)) < len(tests) * len(signs)  # each at most once, some skipped
