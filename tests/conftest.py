@@ -20,24 +20,42 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_executables():
+def _release_after_each_file():
     """Drops every compiled executable after each test file. Each XLA:CPU executable keeps ~5
     memory mappings for the life of the process; the whole suite in one process compiled enough
     of them to reach Linux's 65,530 mappings per process (``vm.max_map_count``), and the next
     compile aborted inside XLA (measured: 63,665 mappings at the crash). The persistent cache
     makes the recompiles in later files disk reads."""
     yield
+    _release_compiled_executables()
+
+
+@pytest.fixture(autouse=True)
+def _mapping_headroom():
+    """Before each test, drops the compiled executables early when the process already holds
+    over half its mapping limit (one test file compiling a lot: ~33,000 mappings at most now)."""
+    counts = _mappings_and_limit()
+    if counts is not None and counts[0] > counts[1] // 2:
+        _release_compiled_executables()
+
+
+def _release_compiled_executables() -> None:
     jax.clear_caches()
-    for cached in _library_function_caches():
-        cached.cache_clear()
+    predict = importlib.import_module("fdnc_jax.predict")  # fdnc_jax.predict is the function.
+    evaluate = importlib.import_module("fdnc_jax.evaluate")
+    predict._compiled_forward.cache_clear()  # The package's own caches of jitted functions.
+    evaluate._sim_forward.cache_clear()
     gc.collect()
 
 
-def _library_function_caches():
-    """The package's own lru caches of jitted functions (they hold models and executables)."""
-    predict = importlib.import_module("fdnc_jax.predict")  # fdnc_jax.predict is the function.
-    evaluate = importlib.import_module("fdnc_jax.evaluate")
-    return (predict._compiled_forward, evaluate._sim_forward)
+def _mappings_and_limit() -> tuple[int, int] | None:
+    """(memory mappings of this process, the kernel's per-process limit); None off Linux."""
+    try:
+        with open("/proc/self/maps") as maps:
+            count = sum(1 for _ in maps)
+        return count, int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @pytest.fixture(scope="session")
