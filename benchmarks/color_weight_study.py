@@ -16,9 +16,7 @@ Prints one Markdown table (``none``: position only, no color term); the last lin
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import random
 import sys
 import warnings
 from pathlib import Path
@@ -26,11 +24,9 @@ from pathlib import Path
 import numpy as np
 
 import fdnc_jax as fd
-from fdnc_jax.datasets import lab_of, resolve_worm_files
-from fdnc_jax.evaluate import _unique_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from orientation_study import accuracy  # noqa: E402
+from orientation_study import accuracy, lab_pairs, load_worms  # noqa: E402
 
 
 def main() -> None:
@@ -44,12 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     color_weights = [float(w) for w in args.color_weights.split(",")]
     columns = ["none"] + [f"{w:g}" for w in color_weights]
-    worms = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for p in resolve_worm_files(args.data):
-            w = fd.load_worm(p)
-            worms.append(_unique_template(w.replace(meta={**w.meta, "worm": p.stem}))[0])
+    worms = load_worms(args.data)
     print("| weights | lab | pairs | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 3) + "|")
     line = ""
@@ -57,14 +48,10 @@ def main() -> None:
         model = fd.load_pretrained(name)
         per_lab = []
         for lab in args.labs.split(","):
-            animals = [w for w in worms if lab_of(w) == lab]
-            pairs = list(itertools.permutations(range(len(animals)), 2))
-            random.Random(0).shuffle(pairs)
             scores: dict[str, list[float]] = {c: [] for c in columns}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for a, b in pairs[: args.pairs]:
-                    template, test = animals[a], animals[b]
+                for template, test in lab_pairs(worms, lab, args.pairs):
                     pred = fd.predict(model, template, test, use_color=False)
                     scores["none"].append(accuracy(template, test, pred.assignment))
                     for w, c in zip(color_weights, columns[1:], strict=True):

@@ -86,6 +86,26 @@ def pair_criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict:
     return out
 
 
+def load_worms(data: str) -> list[fd.Worm]:
+    """Every worm file of ``data`` (folder or glob), names made unique per animal, its file stem
+    in ``meta["worm"]`` (``lab_of`` reads the lab from it)."""
+    worms = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for p in resolve_worm_files(data):
+            w = fd.load_worm(p)
+            worms.append(_unique_template(w.replace(meta={**w.meta, "worm": p.stem}))[0])
+    return worms
+
+
+def lab_pairs(worms: list[fd.Worm], lab: str, count: int) -> list[tuple[fd.Worm, fd.Worm]]:
+    """Up to ``count`` random ordered (template, test) pairs of ``lab``'s animals (seed 0)."""
+    animals = [w for w in worms if lab_of(w) == lab]
+    pairs = list(itertools.permutations(range(len(animals)), 2))
+    random.Random(0).shuffle(pairs)
+    return [(animals[a], animals[b]) for a, b in pairs[:count]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     shared = Path(os.environ.get("FDNC_SHARED", "../shared"))
@@ -94,26 +114,16 @@ def main() -> None:
     parser.add_argument("--labs", default="EY,NP,SF,SK1")
     parser.add_argument("--pairs", type=int, default=90, help="ordered pairs per lab (at most)")
     args = parser.parse_args()
-    worms = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for p in resolve_worm_files(args.data):
-            w = fd.load_worm(p)
-            worms.append(_unique_template(w.replace(meta={**w.meta, "worm": p.stem}))[0])
+    worms = load_worms(args.data)
     print("| weights | lab | mode | pairs | " + " | ".join(CRITERIA) + " |")
     print("|---" * (len(CRITERIA) + 4) + "|")
     line = ""
     for name in args.weights.split(","):
         model = fd.load_pretrained(name)
         for lab in args.labs.split(","):
-            animals = [w for w in worms if lab_of(w) == lab]
-            pairs = list(itertools.permutations(range(len(animals)), 2))
-            random.Random(0).shuffle(pairs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rows = [
-                    pair_criteria(model, animals[a], animals[b]) for a, b in pairs[: args.pairs]
-                ]
+                rows = [pair_criteria(model, t, u) for t, u in lab_pairs(worms, lab, args.pairs)]
             for mode in ("pos", "+color"):
                 mean = {k: 100 * np.mean([r[mode][k] for r in rows]) for k in CRITERIA}
                 cells = " | ".join(f"{mean[k]:.1f}" for k in CRITERIA)
