@@ -15,8 +15,6 @@ Prints one Markdown table (``none``: position only, no color term); the last lin
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,16 +24,11 @@ import numpy as np
 import fdnc_jax as fd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from orientation_study import accuracy, lab_pairs, load_worms  # noqa: E402
+from orientation_study import accuracy, lab_pairs, load_worms, pair_study_parser  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("FDNC_SHARED", "../shared"))
-    parser.add_argument("--data", default=str(shared / "data" / "wormnd"))
-    parser.add_argument("--weights", default="default,small")
-    parser.add_argument("--labs", default="EY,NP,SF,SK1")
-    parser.add_argument("--pairs", type=int, default=90, help="ordered pairs per lab (at most)")
+    parser = pair_study_parser(__doc__, weights="default,small")
     parser.add_argument("--color_weights", default="5,10,15,20,30,45,60,90")
     args = parser.parse_args()
     color_weights = [float(w) for w in args.color_weights.split(",")]

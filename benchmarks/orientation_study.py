@@ -106,13 +106,21 @@ def lab_pairs(worms: list[fd.Worm], lab: str, count: int) -> list[tuple[fd.Worm,
     return [(animals[a], animals[b]) for a, b in pairs[:count]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pair_study_parser(doc: str, weights: str) -> argparse.ArgumentParser:
+    """The flags of the within-lab pair studies (this one, ``color_weight_study.py``): ``--data``
+    (WormND folder or glob), ``--weights`` (bundled models, default ``weights``), ``--labs`` and
+    ``--pairs`` (ordered pairs per lab, ``lab_pairs``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     shared = Path(os.environ.get("FDNC_SHARED", "../shared"))
     parser.add_argument("--data", default=str(shared / "data" / "wormnd"))
-    parser.add_argument("--weights", default="small,default,color")
+    parser.add_argument("--weights", default=weights)
     parser.add_argument("--labs", default="EY,NP,SF,SK1")
     parser.add_argument("--pairs", type=int, default=90, help="ordered pairs per lab (at most)")
+    return parser
+
+
+def main() -> None:
+    parser = pair_study_parser(__doc__, weights="small,default,color")
     args = parser.parse_args()
     worms = load_worms(args.data)
     print("| weights | lab | mode | pairs | " + " | ".join(CRITERIA) + " |")
