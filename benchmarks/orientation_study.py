@@ -13,7 +13,7 @@ identity (no search):
 * cycle: the same with the color term in both directions' scores when the prediction uses it;
 * affine: the median residual (µm) of the forward assignment after a robust affine fit
   (``fdnc_jax.geometry``; smaller is better);
-* current: ``predict._orientation_key``, cycle − affine residual / 6 µm (what ``predict`` uses).
+* current: ``fdnc_jax.orientation.orientation_key``, cycle − affine residual / 6 µm (what ``predict`` uses).
 
 Each criterion is scored for the position-only prediction (``pos``) and with the color term after
 the network (``+color``; the assignments the criterion looks at then include it too, except for
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import fdnc_jax as fd
+from fdnc_jax import orientation
 from fdnc_jax.datasets import lab_of, resolve_worm_files
 from fdnc_jax.evaluate import _unique_template
 from fdnc_jax.metrics import name_accuracy
@@ -56,7 +57,7 @@ def accuracy(template: fd.Worm, test: fd.Worm, assignment: np.ndarray) -> float:
 
 def pair_criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict:
     """Per mode ('pos', '+color') and criterion: the accuracy of the flip that criterion keeps."""
-    signs = predict_mod.orientation_hypotheses(model, "auto")
+    signs = orientation.orientation_hypotheses(model, "auto")
     fwd = predict_mod._hypothesis_log_probs(model, template, [test], signs)
     rev = predict_mod._reverse_log_probs(model, template, [test], signs)
     color = predict_mod._color_term(template, test, True, fd.matching.DEFAULT_COLOR_WEIGHT)
@@ -65,20 +66,20 @@ def pair_criteria(model: fd.Model, template: fd.Worm, test: fd.Worm) -> dict:
         acc, keys = [], {k: [] for k in CRITERIA[1:-1]}
         for h in range(len(signs)):
             f, r = fwd[0, h], rev[0, h]
-            fc = predict_mod._with_color(f, c)
-            rc = predict_mod._with_color(r, predict_mod._transposed(c))
-            a_f, a_r = predict_mod._one_to_one(fc), predict_mod._one_to_one(rc)
+            fc = orientation.with_color(f, c)
+            rc = orientation.with_color(r, None if c is None else c.T)
+            a_f, a_r = orientation.one_to_one(fc), orientation.one_to_one(rc)
             acc.append(accuracy(template, test, a_f))
-            mean = predict_mod._mean_assigned(fc, a_f) + predict_mod._mean_assigned(rc, a_r)
-            residual = predict_mod._assignment_residual(a_f, test.xyz_um, template.xyz_um)
-            keys["forward"].append(predict_mod._mean_assigned(fc, a_f))
-            a_f0, a_r0 = predict_mod._one_to_one(f), predict_mod._one_to_one(r)  # network only
-            mean0 = predict_mod._mean_assigned(f, a_f0) + predict_mod._mean_assigned(r, a_r0)
-            keys["before"].append(predict_mod._cycle_key(a_f0, a_r0, mean0, 0.0))
-            keys["cycle"].append(predict_mod._cycle_key(a_f, a_r, mean, 0.0))
+            mean = orientation.mean_assigned(fc, a_f) + orientation.mean_assigned(rc, a_r)
+            residual = orientation.assignment_residual(a_f, test.xyz_um, template.xyz_um)
+            keys["forward"].append(orientation.mean_assigned(fc, a_f))
+            a_f0, a_r0 = orientation.one_to_one(f), orientation.one_to_one(r)  # network only
+            mean0 = orientation.mean_assigned(f, a_f0) + orientation.mean_assigned(r, a_r0)
+            keys["before"].append(orientation.cycle_key(a_f0, a_r0, mean0, 0.0))
+            keys["cycle"].append(orientation.cycle_key(a_f, a_r, mean, 0.0))
             keys["affine"].append(-residual)
             keys["current"].append(
-                predict_mod._orientation_key(f, r, test.xyz_um, template.xyz_um, c)
+                orientation.orientation_key(f, r, test.xyz_um, template.xyz_um, c)
             )
         out[mode] = {"identity": acc[0], "oracle": max(acc)}
         for k, v in keys.items():

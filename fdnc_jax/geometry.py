@@ -4,7 +4,7 @@ A correct neuron correspondence between two animals (or two volumes) is close to
 the best affine fit, matched pairs sit within a few µm of each other (across WormND animals, the
 residual of shared names after a similarity fit has a median of ~4.5 µm). A correspondence under a
 wrong 180° flip of the test's axes, or one that piles neurons onto the wrong side, is not.
-``predict`` uses this to choose among orientation hypotheses (``predict._orientation_key``).
+``predict`` uses this to choose among orientation hypotheses (``fdnc_jax.orientation.orientation_key``).
 
 Letters: K matched pairs.
 """

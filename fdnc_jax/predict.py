@@ -9,7 +9,8 @@ of times, never once per volume. The template is sent once per chunk, unbatched,
 inside the compiled forward. The one-to-one assignment (Hungarian), the optional color term,
 top-k and thresholds run on the host (``fdnc_jax.matching.match``, a thread pool for many volumes),
 or batched on the device (``matching.match_batch_device``) for large batches on GPU/TPU
-(``match_on``, ``DEVICE_MATCH_MIN_ROWS``).
+(``match_on``, ``DEVICE_MATCH_MIN_ROWS``). Canonical-pose models try several flips of each test
+(``fdnc_jax.orientation``) and keep the most self-consistent one.
 """
 
 from __future__ import annotations
@@ -28,20 +29,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from fdnc_jax import matching
-from fdnc_jax.geometry import robust_affine_residuals
 from fdnc_jax.io import atomic_write
 from fdnc_jax.model.fdnc import Model
-from fdnc_jax.pose import SIGN_FLIPS
+from fdnc_jax.orientation import (
+    RESIDUAL_UM,
+    assignment_residual,
+    cycle_key,
+    device_one_to_one,
+    forward_side,
+    orientation_hypotheses,
+    reverse_key,
+)
 from fdnc_jax.worm import Worm, to_model_units
 
 # Steps of 16 up to 256 (heads have ~100–200 neurons: padding adds at most ~15 % tokens), coarser
 # above. The forward's cost grows with N + M, so a finer grid trades compiles (~0.8 s each for
 # the paper-size model on a 2-core CPU) for speed on every call.
-ORIENTATIONS = ("auto", "auto+mirror", "fixed")
-# The orientation search weighs the median affine residual of a hypothesis' correspondence against its
-# cycle consistency (``_orientation_key``): 6 µm of median residual cost as much as every test neuron
-# coming back (~ the spacing of neighbouring head neurons; fixed beforehand, not swept).
-ORIENTATION_RESIDUAL_UM = 6.0
 SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 1024)
 # predict_batch runs at most this many volumes per call (a power of two ≤ it). On an H100 the
 # paper-size forward ran at 0.7 k volumes/s in calls of 1, 13.5 k in calls of 64, 18.6 k in calls of
@@ -174,14 +177,7 @@ class Prediction:
         Example:
           >>> pred.to_csv("names.csv")  # doctest: +SKIP
         """
-        records = self.to_records()
-
-        def write(f):
-            w = csv.DictWriter(f, fieldnames=list(records[0]))
-            w.writeheader()
-            w.writerows(records)
-
-        atomic_write(path, write, binary=False)
+        _write_records(path, self.to_records())
 
     def to_dataframe(self):
         """``to_records()`` as a pandas DataFrame (needs pandas).
@@ -194,6 +190,17 @@ class Prediction:
         except ImportError as e:
             raise ImportError("to_dataframe needs pandas: pip install pandas") from e
         return pd.DataFrame.from_records(self.to_records())
+
+
+def _write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """``records`` (dicts with the same keys) as a CSV at ``path``, atomically."""
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+
+    atomic_write(path, write, binary=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -314,40 +321,6 @@ def _chunk_size(n: int, limit: int) -> int:
     return min(limit, 1 << max(n - 1, 0).bit_length())
 
 
-def orientation_hypotheses(model: Model, orientation: str) -> np.ndarray:
-    """[K, 3] sign patterns tried on the test's canonical axes (see ``fdnc_jax.pose``).
-
-    ``"auto"``: the 4 proper 180° flips for canonical-pose models (one hypothesis otherwise);
-    ``"auto+mirror"``: also their mirror images, for worms whose side (handedness) is unknown;
-    ``"fixed"``: the canonical pose only.
-
-    Example:
-      >>> import fdnc_jax as fd
-      >>> orientation_hypotheses(fd.load_pretrained(), "auto+mirror").shape
-      (8, 3)
-    """
-    if orientation not in ORIENTATIONS:
-        raise ValueError(f"orientation={orientation!r} must be one of {ORIENTATIONS}")
-    if not model.config.canonical_pose or orientation == "fixed":
-        return SIGN_FLIPS[:1]
-    return SIGN_FLIPS[:4] if orientation == "auto" else SIGN_FLIPS
-
-
-def _one_to_one(log_probs: np.ndarray) -> np.ndarray:
-    """[M] template index of each test row in the Hungarian assignment of ``log_probs`` [M, N + 1]
-    (outlier column left out), −1 for rows left over."""
-    rows, cols = matching._host_assignment(-log_probs[:, :-1])
-    assignment = np.full(log_probs.shape[0], -1, np.int64)
-    assignment[rows] = cols
-    return assignment
-
-
-def _mean_assigned(log_probs: np.ndarray, assignment: np.ndarray) -> float:
-    """Mean of ``log_probs`` [M, N + 1] over the assigned cells of ``assignment`` [M]."""
-    rows = np.flatnonzero(assignment >= 0)
-    return float(np.mean(log_probs[rows, assignment[rows]]))
-
-
 def _reverse_chunks(
     model: Model,
     template: Worm,
@@ -413,116 +386,6 @@ def _unpadded_log_probs(chunks, rows_of, cols_of) -> dict[tuple[int, int], np.nd
     return found
 
 
-def _with_color(log_probs: np.ndarray, color: np.ndarray | None) -> np.ndarray:
-    """``log_probs`` [R, C + 1] with ``color`` [R, C] (the weighted color term) added to the
-    non-outlier columns; unchanged when ``color`` is None."""
-    if color is None:
-        return log_probs
-    return np.concatenate([log_probs[:, :-1] + color, log_probs[:, -1:]], axis=1)
-
-
-def _orientation_key(
-    forward: np.ndarray,
-    reverse: np.ndarray,
-    test_um: np.ndarray,
-    template_um: np.ndarray,
-    color: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """How well a hypothesis explains the pair, compared as a tuple: (cycle consistency − median
-    affine residual / ``ORIENTATION_RESIDUAL_UM``, mean score both ways).
-
-    Cycle consistency = the fraction of test neurons whose one-to-one assignment (``forward``
-    [M, N + 1]) is assigned back to them by the reverse one (``reverse`` [N, M + 1]). The affine
-    residual: the median distance (µm) between the assigned template neurons (``template_um``
-    [N, 3]) and the robust affine image of their test neurons (``test_um`` [M, 3]) — a right
-    orientation gives a correspondence one smooth map explains (``fdnc_jax.geometry``).
-    ``color`` [M, N]: the weighted color term, added to both directions' scores when the
-    prediction uses it (the kept flip is the one whose matching the color term agrees with).
-
-    Measured with ``benchmarks/orientation_study.py`` on within-lab pairs of the 4 WormND labs
-    (90 per lab), against the cycle consistency of the network alone (the criterion before):
-    ``small`` + color term 27.9 / 35.4 / 46.8 / 30.4 → 30.8 / 40.9 / 55.0 / 31.8 % (EY / NP / SF /
-    SK1), ``default`` + color term 55.1 / 53.0 / 57.8 / 46.0 → 55.2 / 53.3 / 65.2 / 46.5 %,
-    ``color`` 81.7 / 59.3 / 76.8 / 55.9 → 81.3 / 59.4 / 80.2 / 56.5 %."""
-    return _reverse_key(_forward_side(forward, test_um, template_um, color), reverse, color)
-
-
-def _forward_side(
-    forward: np.ndarray, test_um: np.ndarray, template_um: np.ndarray, color: np.ndarray | None
-) -> tuple[np.ndarray, float, float]:
-    """The forward half of ``_orientation_key``: (one-to-one assignment [M], its mean score, its
-    median affine residual in µm) of ``forward`` [M, N + 1] (+ ``color`` [M, N])."""
-    scores = _with_color(forward, color)
-    a_f = _one_to_one(scores)
-    return a_f, _mean_assigned(scores, a_f), _assignment_residual(a_f, test_um, template_um)
-
-
-def _reverse_key(
-    side: tuple[np.ndarray, float, float], reverse: np.ndarray, color: np.ndarray | None
-) -> tuple[float, float]:
-    """``_orientation_key`` from the forward half ``side`` (``_forward_side``) and the reverse
-    log-probs [N, M + 1] (+ ``color`` [M, N], transposed)."""
-    a_f, mean_f, residual = side
-    scores = _with_color(reverse, _transposed(color))
-    a_r = _one_to_one(scores)
-    return _cycle_key(a_f, a_r, mean_f + _mean_assigned(scores, a_r), residual)
-
-
-def _transposed(color: np.ndarray | None) -> np.ndarray | None:
-    return None if color is None else color.T
-
-
-def _assignment_residual(a_f: np.ndarray, test_um: np.ndarray, template_um: np.ndarray) -> float:
-    """Median robust-affine residual (µm) of the assignment ``a_f`` [M] (template index, −1 none)
-    from ``test_um`` [M, 3] to ``template_um`` [N, 3]; 0 when nothing is assigned."""
-    rows = np.flatnonzero(a_f >= 0)
-    if not rows.size:
-        return 0.0
-    return float(np.median(robust_affine_residuals(test_um[rows], template_um[a_f[rows]])))
-
-
-def _cycle_key(
-    a_f: np.ndarray, a_r: np.ndarray, mean_log_prob: float, residual_um: float
-) -> tuple[float, float]:
-    """(fraction of the assigned test neurons that ``a_r`` [N] maps back to themselves through
-    ``a_f`` [M] − ``residual_um`` / ``ORIENTATION_RESIDUAL_UM``, ``mean_log_prob``): the key of
-    ``_orientation_key``."""
-    back = np.flatnonzero(a_f >= 0)
-    cycle = float(np.mean(a_r[a_f[back]] == back)) if back.size else 0.0
-    return cycle - residual_um / ORIENTATION_RESIDUAL_UM, float(mean_log_prob)
-
-
-@functools.partial(jax.jit, static_argnames=("solver", "transpose_color"))
-def _device_one_to_one(
-    log_probs,
-    row_mask,
-    col_mask,
-    template_color,
-    test_color,
-    color_weight,
-    *,
-    solver,
-    transpose_color,
-):
-    """Device ``_one_to_one`` and ``_mean_assigned`` of a chunk: [b, R, C + 1] log-probs (last
-    column the outlier), row / column masks [b, R], [b, C] → ([b, R] int32 column per row, −1
-    none; [b] mean score of the assigned cells). With colors (normalised, template [b, N, 3] and
-    test [b, M, 3]), ``color_weight`` × the color term [b, M, N] is added to the scores first,
-    transposed to [b, N, M] for the reverse direction (``transpose_color``)."""
-    c = log_probs.shape[-1] - 1
-    ok = row_mask[:, :, None] & col_mask[:, None, :]
-    scores = log_probs[..., :c]  # [b, R, C]
-    if template_color is not None:
-        color = matching.device_color_log_likelihood(template_color, test_color)  # [b, M, N]
-        scores = scores + color_weight * (jnp.swapaxes(color, 1, 2) if transpose_color else color)
-    scores = jnp.where(ok, scores, -jnp.inf)
-    assignment = matching.assign_batch_device(scores, row_mask, solver)  # [b, R]
-    has = assignment >= 0
-    picked = jnp.take_along_axis(scores, jnp.maximum(assignment, 0)[..., None], -1)[..., 0]
-    total = jnp.sum(jnp.where(has, picked, 0.0), axis=-1)
-    return assignment, total / jnp.maximum(jnp.sum(has, axis=-1), 1)
-
-
 def _device_orientations(
     model: Model,
     template: Worm,
@@ -554,14 +417,14 @@ def _device_orientations(
         colors = (
             (np.broadcast_to(t_color, (b,) + t_color.shape), s_color) if use_color else (None, None)
         )
-        return _device_one_to_one(
+        return device_one_to_one(
             lp, s_mask, t_mask, *colors, color_weight, solver=solver, transpose_color=False
         )
 
     def dispatch_reverse(part, inputs, lp):
         row_mask, col_mask, row_color, col_color = inputs
         colors = (row_color, col_color) if use_color else (None, None)
-        return _device_one_to_one(
+        return device_one_to_one(
             lp, row_mask, col_mask, *colors, color_weight, solver=solver, transpose_color=True
         )
 
@@ -578,8 +441,8 @@ def _device_orientations(
 
     def key(i: int, h: int) -> tuple[float, float]:
         (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
-        residual = _assignment_residual(a_f, tests[i].xyz_um, template.xyz_um)
-        return _cycle_key(a_f, a_r, mean_f + mean_r, residual)
+        residual = assignment_residual(a_f, tests[i].xyz_um, template.xyz_um)
+        return cycle_key(a_f, a_r, mean_f + mean_r, residual)
 
     return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
 
@@ -593,12 +456,13 @@ def _choose_orientations(
     use_color: bool = False,
     color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
 ) -> np.ndarray:
-    """[B] index of the kept hypothesis per test (``_orientation_key``), given the forward
-    log-probs ``forward[i, h]`` [M_i, N + 1]; 0 when there is one hypothesis. ``use_color``: the
-    color term (× ``color_weight``) enters the hypotheses' assignments, as in the final matching.
+    """[B] index of the kept hypothesis per test (``fdnc_jax.orientation.orientation_key``),
+    given the forward log-probs ``forward[i, h]`` [M_i, N + 1]; 0 when there is one hypothesis.
+    ``use_color``: the color term (× ``color_weight``) enters the hypotheses' assignments, as in
+    the final matching.
 
     Branch and bound over the reverse forwards, exact: the key's first entry is at most
-    1 − residual / ``ORIENTATION_RESIDUAL_UM`` (cycle consistency ≤ 1) and the residual needs only
+    1 − residual / ``RESIDUAL_UM`` (cycle consistency ≤ 1) and the residual needs only
     the forward direction, so the hypotheses' reverse directions run in order of increasing
     residual (one batched round per rank, all tests at once) and a hypothesis whose bound is
     below the best key found is never run. The choice is the full search's (tested); on the
@@ -610,7 +474,7 @@ def _choose_orientations(
     colors = [_color_term(template, t, use_color, color_weight) for t in tests]
     sides = _host_map(
         lambda i: [
-            _forward_side(forward[i, h], tests[i].xyz_um, template.xyz_um, colors[i])
+            forward_side(forward[i, h], tests[i].xyz_um, template.xyz_um, colors[i])
             for h in range(k)
         ],
         range(len(tests)),
@@ -621,7 +485,7 @@ def _choose_orientations(
         """The unexamined hypothesis of test i with the smallest residual that could still win."""
         best = max((keys[i, h][0] for h in range(k) if (i, h) in keys), default=-np.inf)
         open_ = [h for h in range(k) if (i, h) not in keys]
-        bound = {h: 1.0 - sides[i][h][2] / ORIENTATION_RESIDUAL_UM for h in open_}
+        bound = {h: 1.0 - sides[i][h][2] / RESIDUAL_UM for h in open_}
         live = [h for h in open_ if bound[h] >= best]
         return min(live, key=lambda h: sides[i][h][2]) if live else None
 
@@ -629,7 +493,7 @@ def _choose_orientations(
     while pending:
         reverse = _reverse_log_probs(model, template, tests, signs, items=pending)
         for i, h in pending:
-            keys[i, h] = _reverse_key(sides[i][h], reverse[i, h], colors[i])
+            keys[i, h] = reverse_key(sides[i][h], reverse[i, h], colors[i])
         pending = [(i, h) for i, _ in pending if (h := next_hypothesis(i)) is not None]
 
     def choose(i: int) -> int:
@@ -953,11 +817,11 @@ def predict_batch(
         temperature fitted on labelled real pairs; ``model.with_temperature(1.0)``: the raw ones).
       orientation: for canonical-pose models, which orientations of the test to try (each test is
         matched under every hypothesis in both directions, and the hypothesis whose one-to-one
-        assignments agree most — cycle consistency — and whose correspondence one affine map explains
-        best is kept, ``_orientation_key``; with the color term when ``use_color``; the reverse
-        direction only for hypotheses that can still win): "auto" the 4 proper 180° flips of its
-        principal axes, "auto+mirror" also their mirror images (worms whose side is unknown; a
-        wrong choice swaps left/right names), "fixed" none.
+        assignments agree most — cycle consistency — and whose correspondence one affine map
+        explains best is kept, ``fdnc_jax.orientation.orientation_key``; with the color term when
+        ``use_color``; the reverse direction only for hypotheses that can still win): "auto" the 4
+        proper 180° flips of its principal axes, "auto+mirror" also their mirror images (worms
+        whose side is unknown; a wrong choice swaps left/right names), "fixed" none.
       match_on: where the one-to-one assignment, softmax and top-k run: "host" (scipy, float64;
         a thread pool for many volumes), "device" (``matching.match_batch_device``: jitted and
         batched with the forward, float32 — for accelerators, where a host loop would cap the

@@ -31,6 +31,7 @@ DOCUMENTED = [
     "fdnc_jax.types",
     "fdnc_jax.atlas",
     "fdnc_jax.plots",
+    "fdnc_jax.orientation",
     "fdnc_jax.predict",
     "fdnc_jax.evaluate",
     "fdnc_jax.template_eval",

@@ -224,9 +224,7 @@ def test_head_by_head_attention_gradient_equals_dot_product_attention(rng, batch
     def loss(fn):
         return lambda q, k, v: jnp.sum(weight * fn(q, k, v, mask=mask, deterministic=True))
 
-    want = jax.grad(loss(_standard_attention), (0, 1, 2))(
-        q, k, v
-    )
+    want = jax.grad(loss(_standard_attention), (0, 1, 2))(q, k, v)
     got = jax.grad(loss(head_by_head_attention), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

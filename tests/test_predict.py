@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import fdnc_jax as fd
+from fdnc_jax import orientation
 from fdnc_jax.model.fdnc import Model, ModelConfig
 
 # ``fdnc_jax.predict`` is the function re-exported by the package; the module holds compile_count.
@@ -390,76 +391,6 @@ def test_ensemble_bad_input(model):
         fd.predict(model, [template, template.replace(names=None)], test)
 
 
-def test_orientation_key_prefers_cycle_consistent_hypotheses():
-    """The kept hypothesis is the one whose forward and reverse assignments agree (then the mean
-    log-prob both ways): a confident but inconsistent reverse loses to a consistent one. (Four
-    neurons: any correspondence is affine, so the residual term is 0 here.)"""
-    import importlib
-
-    P = importlib.import_module("fdnc_jax.predict")
-    xyz = np.random.default_rng(0).uniform(0, 50, (4, 3))
-    outlier = np.full((4, 1), -9.0)
-    diagonal = np.concatenate([np.full((4, 4), -6.0) + np.eye(4) * 5.9, outlier], axis=1)
-    shifted = np.concatenate([np.full((4, 4), -6.0) + np.roll(np.eye(4), 1, 1) * 5.9, outlier], 1)
-
-    def key(forward, reverse):
-        return P._orientation_key(forward, reverse, xyz, xyz)
-
-    consistent = key(diagonal, diagonal)
-    assert consistent[0] == pytest.approx(1.0)
-    assert key(diagonal, shifted)[0] == pytest.approx(0.0)  # template i -> test i+1 -> no way back
-    assert consistent > key(diagonal, shifted)
-    soft = np.concatenate([np.full((4, 4), -2.0) + np.eye(4) * 1.0, outlier], axis=1)
-    assert consistent > key(soft, soft)  # same cycle, lower log-prob
-    assert key(soft, soft)[0] == pytest.approx(1.0)
-
-
-def _confident(perm: np.ndarray, margin: float = 5.9) -> np.ndarray:
-    """[K, K + 1] log-prob-like table whose one-to-one assignment is ``perm`` (row i -> perm[i])."""
-    k = len(perm)
-    table = np.full((k, k + 1), -6.0)
-    table[np.arange(k), perm] += margin
-    table[:, -1] = -9.0
-    return table
-
-
-def test_orientation_key_prefers_a_correspondence_one_affine_map_explains():
-    """Two hypotheses equally confident and cycle-consistent: the one whose correspondence an affine
-    map explains (the template is a sheared, shifted copy of the test) wins over a scrambled one;
-    the key's first entry drops by the median residual / ORIENTATION_RESIDUAL_UM."""
-    import importlib
-
-    P = importlib.import_module("fdnc_jax.predict")
-    rng = np.random.default_rng(1)
-    test_um = rng.uniform(0, 80, (20, 3))
-    template_um = test_um @ np.array([[1.1, 0.2, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 1.0]]) + 7.0
-    identity, scrambled = np.arange(20), rng.permutation(20)
-    right = P._orientation_key(_confident(identity), _confident(identity), test_um, template_um)
-    inverse = np.argsort(scrambled)
-    wrong = P._orientation_key(_confident(scrambled), _confident(inverse), test_um, template_um)
-    assert right[0] == pytest.approx(1.0)  # cycle-consistent, residual ~0
-    assert right[1] == pytest.approx(wrong[1])  # same confidence
-    assert wrong[0] < 1.0 - 10.0 / P.ORIENTATION_RESIDUAL_UM  # median residual of tens of µm
-    assert right > wrong
-
-
-def test_orientation_key_counts_the_color_term_when_given():
-    """With the color term (strongly for the identity) the hypothesis' assignment follows the color,
-    and its affine residual with it: the same network scores get a better key."""
-    import importlib
-
-    P = importlib.import_module("fdnc_jax.predict")
-    rng = np.random.default_rng(2)
-    xyz = rng.uniform(0, 80, (20, 3))
-    scrambled = rng.permutation(20)
-    forward, reverse = _confident(scrambled, 1.0), _confident(np.argsort(scrambled), 1.0)
-    color = np.where(np.eye(20, dtype=bool), 0.0, -60.0)  # [M, N]
-    plain = P._orientation_key(forward, reverse, xyz, xyz)
-    with_color = P._orientation_key(forward, reverse, xyz, xyz, color)
-    assert with_color[0] == pytest.approx(1.0)  # identity both ways, exact geometry
-    assert plain[0] < with_color[0]
-
-
 @pytest.mark.parametrize("name", ["small", "color"])
 def test_reverse_log_probs_batched_equal_one_test_at_a_time(demo, name):
     """The reverse direction of the orientation search, batched over tests of several buckets,
@@ -598,7 +529,7 @@ def test_orientation_branch_and_bound_keeps_the_full_searchs_choice(demo, monkey
     for i, t in enumerate(tests):
         color = predict_mod._color_term(template, t, use_color, 60.0)
         keys = [
-            predict_mod._orientation_key(
+            orientation.orientation_key(
                 forward[i, h], reverse[i, h], t.xyz_um, template.xyz_um, color
             )
             for h in range(len(signs))
