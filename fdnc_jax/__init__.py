@@ -9,9 +9,9 @@ Example:
 from fdnc_jax.atlas import build_atlas, load_atlas
 from fdnc_jax.checkpoint import load_checkpoint, load_pretrained
 from fdnc_jax.datasets import load_demo_pair
-from fdnc_jax.io import load_fdnc_pickle, load_worm, save_worm
+from fdnc_jax.io import load_fdnc_pickle, load_recording, load_worm, save_recording, save_worm
 from fdnc_jax.model.fdnc import Model
-from fdnc_jax.predict import Prediction, predict, predict_batch
+from fdnc_jax.predict import Prediction, predict, predict_batch, save_predictions
 from fdnc_jax.worm import Worm
 
 __version__ = "0.1.0"
@@ -26,8 +26,11 @@ __all__ = [
     "load_demo_pair",
     "load_fdnc_pickle",
     "load_pretrained",
+    "load_recording",
     "load_worm",
     "predict",
     "predict_batch",
+    "save_predictions",
+    "save_recording",
     "save_worm",
 ]

@@ -1,7 +1,9 @@
-"""Reading and writing worms: npz, CSV and the original fDNC pickle (explicit opt-in).
+"""Reading and writing worms and recordings (many volumes of one animal): npz, CSV and the original
+fDNC pickle (explicit opt-in).
 
-Every loader returns a validated ``Worm`` or raises ``WormFileError`` (a ``ValueError``) naming the file;
-never a partial worm. NWB is not read yet: no NWB file could be checked here, so no untested reader ships.
+Every loader returns a validated ``Worm`` (``load_recording``: one per volume) or raises
+``WormFileError`` (a ``ValueError``) naming the file; never a partial worm. NWB is not read yet: no NWB
+file could be checked here, so no untested reader ships.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from fdnc_jax.worm import Worm
+from fdnc_jax.worm import Worm, as_worm_list
 
 PathLike = str | os.PathLike
 
@@ -161,14 +163,25 @@ def _worm_from_fields(path: PathLike, **fields: Any) -> Worm:
         raise _fail(path, str(e)) from e
 
 
-def _load_npz(p: Path) -> Worm:
+def _npz_arrays(p: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as d:
-            arrays = {k: d[k] for k in d.files}
+            return {k: d[k] for k in d.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise _fail(p, f"not a readable npz file ({e})") from e
+
+
+def _load_npz(p: Path) -> Worm:
+    arrays = _npz_arrays(p)
     if "xyz_um" not in arrays:
         raise _fail(p, f"missing array 'xyz_um' (found {sorted(arrays)})")
+    if "volume" in arrays:
+        raise _recording_error(p, len(np.unique(arrays["volume"])))
+    return _worm_from_arrays(p, arrays)
+
+
+def _worm_from_arrays(p: Path, arrays: dict[str, Any]) -> Worm:
+    """The Worm of a worm npz's arrays (a recording's volume: the rows of that volume)."""
     meta: dict[str, Any] = {}
     if "meta" in arrays:
         try:
@@ -247,7 +260,10 @@ def _color_columns(header: list[str]) -> list[str]:
     return rgb
 
 
-def _load_csv(p: Path) -> Worm:
+def _read_csv_table(p: Path) -> dict[str, Any]:
+    """The rows of a worm or recording CSV: ``xyz`` [R, 3] float64 µm, ``names`` [R] str,
+    ``color`` [R, C] float32 or None, ``uncertain`` [R] bool list or None, ``volume`` [R] raw
+    strings or None (the column of recordings); ``lines`` [R] the file's line numbers."""
     try:
         text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -264,7 +280,7 @@ def _load_csv(p: Path) -> Worm:
     except ValueError as e:
         raise _fail(p, f"line 1: {e}") from e
     col = {h: i for i, h in enumerate(header)}
-    xyz, names, color, uncertain = [], [], [], []
+    xyz, names, color, uncertain, volume, lines = [], [], [], [], [], []
     for lineno, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -278,39 +294,247 @@ def _load_csv(p: Path) -> Worm:
         names.append(row[col["name"]].strip() if "name" in col else "")
         if "uncertain" in col:
             uncertain.append(row[col["uncertain"]].strip().lower() in ("1", "true", "yes"))
+        if "volume" in col:
+            volume.append(row[col["volume"]].strip())
+        lines.append(lineno)
     if not xyz:
         raise _fail(p, "no data rows after the header")
     arr = np.asarray(xyz, np.float64)
     bad = np.flatnonzero(~np.all(np.isfinite(arr), axis=1))
     if bad.size:
-        raise _fail(p, f"line {int(bad[0]) + 2}: non-finite coordinate")
+        raise _fail(p, f"line {lines[int(bad[0])]}: non-finite coordinate")
+    return {
+        "xyz": arr,
+        "names": np.asarray(names, dtype=str),
+        "color": np.asarray(color, np.float32) if ccols else None,
+        "uncertain": uncertain if "uncertain" in col else None,
+        "volume": volume if "volume" in col else None,
+        "lines": lines,
+    }
+
+
+def _load_csv(p: Path) -> Worm:
+    table = _read_csv_table(p)
+    if table["volume"] is not None:
+        raise _recording_error(p, len(set(table["volume"])))
     meta: dict[str, Any] = {"file": os.fspath(p)}
-    if uncertain:
-        meta["uncertain"] = uncertain
+    if table["uncertain"] is not None:
+        meta["uncertain"] = table["uncertain"]
     return _worm_from_fields(
+        p, xyz_um=table["xyz"], names=table["names"], color=table["color"], meta=meta
+    )
+
+
+def _recording_error(p: Path, volumes: int) -> WormFileError:
+    return _fail(
         p,
-        xyz_um=arr,
-        names=names,
-        color=np.asarray(color, np.float32) if ccols else None,
-        meta=meta,
+        f"has a 'volume' column ({volumes} volumes): a recording, not one worm; read it with "
+        "fdnc_jax.load_recording (fdnc-predict --recording)",
     )
 
 
 def _write_csv(worm: Worm, f) -> None:
+    _write_csv_rows([worm], f)
+
+
+def _write_csv_rows(worms: list[Worm], f, volumes: list[int] | None = None) -> None:
+    """The CSV of one worm, or of a recording's volumes (``volumes``: one number per worm, written
+    in a last ``volume`` column). The worms share their color channels (checked by the caller)."""
+    color = worms[0].color
     ccols: list[str] = []
-    if worm.color is not None:
-        c = worm.color.shape[1]
+    if color is not None:
+        c = color.shape[1]
         ccols = list(_RGB[:c]) if 3 <= c <= 4 else [f"c{i}" for i in range(c)]
-    uncertain = worm.meta.get("uncertain")
+    flags = any("uncertain" in w.meta for w in worms)
     w = csv.writer(f)
-    w.writerow(["x", "y", "z", "name", *ccols] + (["uncertain"] if uncertain is not None else []))
-    for i in range(worm.n):
-        row = [repr(float(v)) for v in worm.xyz_um[i]] + [worm.names[i]]
-        if worm.color is not None:
-            row += [repr(float(v)) for v in worm.color[i]]
-        if uncertain is not None:
-            row.append(str(int(bool(uncertain[i]))))
-        w.writerow(row)
+    w.writerow(
+        ["x", "y", "z", "name", *ccols]
+        + (["uncertain"] if flags else [])
+        + (["volume"] if volumes is not None else [])
+    )
+    for k, worm in enumerate(worms):
+        uncertain = worm.meta.get("uncertain", [False] * worm.n)
+        for i in range(worm.n):
+            row = [repr(float(v)) for v in worm.xyz_um[i]] + [worm.names[i]]
+            if worm.color is not None:
+                row += [repr(float(v)) for v in worm.color[i]]
+            if flags:
+                row.append(str(int(bool(uncertain[i]))))
+            if volumes is not None:
+                row.append(str(volumes[k]))
+            w.writerow(row)
+
+
+def load_recording(path: PathLike) -> list[Worm]:
+    """Loads a recording: the neurons of many volumes (time points) of one animal, in one file.
+
+    CSV: the columns of a worm CSV (``load_worm``) plus an integer ``volume`` column, one row per
+    neuron per volume (a volume's rows need not be contiguous). npz: the arrays of a worm npz over
+    all rows (``xyz_um`` [R, 3] µm, optional ``names`` [R], ``rgb`` [R, C], ``uncertain`` [R]) plus
+    ``volume`` [R] int; ``mirrored`` and ``meta`` hold for every volume. ``save_recording`` writes
+    both. Match it with ``predict_batch(model, template, load_recording(path))`` or
+    ``fdnc-predict --recording``.
+
+    Args:
+      path: the ``.csv`` or ``.npz`` file.
+
+    Returns:
+      One Worm per volume, by increasing volume number; ``worm.meta["volume"]`` is its number.
+
+    Raises:
+      WormFileError: a missing or unreadable file, no ``volume`` column, a volume number that is
+        not an integer, or a volume that is not a valid worm (named).
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> rng = np.random.default_rng(0)
+      >>> volumes = [Worm(xyz_um=rng.uniform(0, 100, (n, 3))) for n in (40, 45)]
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_recording(volumes, pathlib.Path(d) / "rec.csv", numbers=[3, 7])
+      ...     back = load_recording(pathlib.Path(d) / "rec.csv")
+      >>> [(w.meta["volume"], w.n) for w in back]
+      [(3, 40), (7, 45)]
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise _fail(
+            p, "is a directory, expected a recording file" if p.is_dir() else "no such file"
+        )
+    suffix = p.suffix.lower()
+    if suffix not in (".csv", ".npz"):
+        raise _fail(p, f"unknown recording file suffix {suffix!r}; expected .csv or .npz")
+    arrays, volume = _recording_csv(p) if suffix == ".csv" else _recording_npz(p)
+    worms = []
+    for v in np.unique(volume):
+        rows = np.flatnonzero(volume == v)
+        part = {k: (a[rows] if k in _PER_ROW else a) for k, a in arrays.items()}
+        try:
+            worm = _worm_from_arrays(p, part)
+        except WormFileError as e:
+            problem = str(e)[len(os.fspath(p)) + 2 :]  # _fail's "path: problem"
+            raise _fail(p, f"volume {int(v)}: {problem}") from e
+        worms.append(worm.replace(meta={**worm.meta, "volume": int(v)}))
+    return worms
+
+
+def _recording_csv(p: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """(worm npz-style arrays over all rows, volume number [R]) of a recording CSV."""
+    table = _read_csv_table(p)
+    if table["volume"] is None:
+        raise _fail(p, "line 1: no 'volume' column: one worm, not a recording (load_worm)")
+    volume = np.empty(len(table["volume"]), np.int64)
+    for j, v in enumerate(table["volume"]):
+        try:
+            volume[j] = int(v)
+        except ValueError:
+            raise _fail(p, f"line {table['lines'][j]}: volume {v!r} is not an integer") from None
+    arrays: dict[str, Any] = {"xyz_um": table["xyz"], "names": table["names"]}
+    if table["color"] is not None:
+        arrays["rgb"] = table["color"]
+    if table["uncertain"] is not None:
+        arrays["uncertain"] = np.asarray(table["uncertain"], bool)
+    return arrays, volume
+
+
+def _recording_npz(p: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """(its arrays but ``volume``, volume number [R]) of a recording npz, shapes checked."""
+    arrays = _npz_arrays(p)
+    for key in ("volume", "xyz_um"):
+        if key not in arrays:
+            raise _fail(p, f"missing array {key!r} (found {sorted(arrays)}): not a recording")
+    volume = arrays.pop("volume")
+    if volume.dtype.kind not in "iu":
+        raise _fail(p, f"'volume' must hold integers, got dtype {volume.dtype}")
+    rows = np.shape(arrays["xyz_um"])[:1]
+    if np.ndim(volume) != 1 or np.shape(volume)[:1] != rows:
+        raise _fail(p, f"'volume' has shape {np.shape(volume)}; expected one per row of 'xyz_um'")
+    for key in _PER_ROW:
+        if key in arrays and np.shape(arrays[key])[:1] != rows:
+            raise _fail(
+                p, f"{key!r} has shape {np.shape(arrays[key])}; expected one row per neuron"
+            )
+    return arrays, volume
+
+
+_PER_ROW = (
+    "xyz_um",
+    "names",
+    "rgb",
+    "uncertain",
+)  # A recording npz's arrays with one row per neuron.
+
+
+def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None = None) -> None:
+    """Saves the volumes of a recording to one ``.csv`` or ``.npz`` (atomic), as ``load_recording``
+    reads them.
+
+    Args:
+      worms: one Worm per volume, all with color (the same channels) or none, all on the same side.
+      path: the destination; its suffix picks the format.
+      numbers: each volume's number (default: ``meta["volume"]`` when every worm has one, else
+        0, 1, ...); distinct integers.
+
+    Raises:
+      WormFileError: an unsupported suffix. ValueError / TypeError: no worms, mixed color channels or
+        sides, or volume numbers that are not distinct integers.
+
+    Example:
+      >>> import pathlib, tempfile
+      >>> rng = np.random.default_rng(0)
+      >>> volumes = [Worm(xyz_um=rng.uniform(0, 100, (n, 3))) for n in (40, 45)]
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_recording(volumes, pathlib.Path(d) / "rec.npz")
+      ...     [w.n for w in load_recording(pathlib.Path(d) / "rec.npz")]
+      [40, 45]
+    """
+    worms = as_worm_list(worms)
+    if not worms:
+        raise ValueError("worms is empty: a recording needs at least one volume")
+    if numbers is None:
+        have = all(isinstance(w.meta.get("volume"), int | np.integer) for w in worms)
+        numbers = [int(w.meta["volume"]) for w in worms] if have else list(range(len(worms)))
+    numbers = [_volume_number(v) for v in numbers]
+    if len(numbers) != len(worms) or len(set(numbers)) != len(numbers):
+        raise ValueError(f"numbers must be {len(worms)} distinct integers, got {numbers}")
+    channels = {None if w.color is None else w.color.shape[1] for w in worms}
+    if len(channels) > 1:
+        raise ValueError(
+            f"the volumes must share their color channels, got {sorted(channels, key=str)}"
+        )
+    if len({w.mirrored for w in worms}) > 1:
+        raise ValueError("the volumes must all be mirrored or all not (one animal, one side)")
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        atomic_write(p, lambda f: _write_csv_rows(worms, f, numbers), binary=False)
+    elif suffix == ".npz":
+        atomic_write(p, lambda f: _write_recording_npz(worms, numbers, f), binary=True)
+    else:
+        raise _fail(p, f"cannot save a recording to suffix {suffix!r}; use .csv or .npz")
+
+
+def _volume_number(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise TypeError(f"volume numbers must be integers, got {v!r}")
+    return int(v)
+
+
+def _write_recording_npz(worms: list[Worm], numbers: list[int], f) -> None:
+    arrays: dict[str, Any] = {
+        "xyz_um": np.concatenate([w.xyz_um for w in worms]),
+        "names": np.concatenate([w.names for w in worms]),
+        "volume": np.repeat(np.asarray(numbers, np.int64), [w.n for w in worms]),
+        "mirrored": np.asarray(worms[0].mirrored),
+    }
+    if worms[0].color is not None:
+        arrays["rgb"] = np.concatenate([w.color for w in worms])
+    if any("uncertain" in w.meta for w in worms):
+        arrays["uncertain"] = np.concatenate(
+            [np.asarray(w.meta.get("uncertain", [False] * w.n), bool) for w in worms]
+        )
+    shared = {k: v for k, v in worms[0].meta.items() if k not in ("uncertain", "volume", "file")}
+    arrays["meta"] = np.asarray(json.dumps(shared, sort_keys=True, default=str))
+    write_npz(f, arrays)
 
 
 def load_fdnc_pickle(path: PathLike, trust: bool = False) -> Worm:

@@ -192,6 +192,47 @@ class Prediction:
         return pd.DataFrame.from_records(self.to_records())
 
 
+def save_predictions(
+    predictions: Sequence[Prediction], path: str | Path, volumes: Sequence[int] | None = None
+) -> None:
+    """Writes the predictions of a recording's volumes to one CSV (atomic): a ``volume`` column,
+    then ``Prediction.to_records()``'s columns, one row per neuron of every volume.
+
+    Args:
+      predictions: one Prediction per volume (``predict_batch``'s result).
+      path: the CSV to write.
+      volumes: each volume's number (default 0, 1, ...; ``[w.meta["volume"] for w in
+        load_recording(path)]`` keeps a recording's own numbers).
+
+    Raises:
+      ValueError: no predictions, or not one volume number per prediction.
+
+    Example:
+      >>> import fdnc_jax as fd, pathlib, tempfile
+      >>> template, test = fd.load_demo_pair()
+      >>> preds = fd.predict_batch(fd.load_pretrained("small"), template, [test, test])
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     save_predictions(preds, pathlib.Path(d) / "tracks.csv", volumes=[10, 11])
+      ...     lines = (pathlib.Path(d) / "tracks.csv").read_text().splitlines()
+      >>> lines[0].split(",")[:4], len(lines) == 1 + 2 * test.n
+      (['volume', 'test_index', 'assignment', 'label'], True)
+    """
+    predictions = list(predictions)
+    if not predictions:
+        raise ValueError("predictions is empty: nothing to write")
+    volumes = list(range(len(predictions)) if volumes is None else volumes)
+    if len(volumes) != len(predictions):
+        raise ValueError(
+            f"volumes has {len(volumes)} numbers for {len(predictions)} predictions; give one each"
+        )
+    records = [
+        {"volume": v, **record}
+        for v, pred in zip(volumes, predictions, strict=True)
+        for record in pred.to_records()
+    ]
+    _write_records(path, records)
+
+
 def _write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
     """``records`` (dicts with the same keys) as a CSV at ``path``, atomically."""
 

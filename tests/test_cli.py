@@ -29,6 +29,8 @@ def test_help_lists_flags():
         "--checkpoint",
         "--demo",
         "--matmul_dtype",
+        "--recording",
+        "--reference_volume",
     ):
         assert flag in out.stdout, f"{flag} missing from --help"
 
@@ -65,3 +67,59 @@ def test_demo_runs():
     assert abs(int(fast.stdout.split("accuracy ")[1].split("/")[0]) - correct) <= 15
     out = run_predict("--demo", "--weights=nope")
     assert out.returncode == 2 and "no bundled weights named 'nope'" in out.stderr
+
+
+def _recording(path, worm, count: int = 3) -> list[int]:
+    """A recording of ``count`` volumes of ``worm`` (numbered 10, 11, ...): neurons dropped, moved
+    by ~0.5 µm, as consecutive volumes of one animal. Returns the neurons per volume."""
+    import numpy as np
+
+    import fdnc_jax as fd
+
+    rng = np.random.default_rng(0)
+    volumes = []
+    for k in range(count):
+        w = worm.subset(np.sort(rng.permutation(worm.n)[: worm.n - 4 * k]))
+        volumes.append(w.replace(xyz_um=w.xyz_um + rng.normal(0, 0.5, (w.n, 3))))
+    fd.save_recording(volumes, path, numbers=list(range(10, 10 + count)))
+    return [v.n for v in volumes]
+
+
+def test_recording_tracked_to_one_of_its_volumes(tmp_path):
+    """--recording with --reference_volume: every volume matched to that volume; one CSV with a
+    volume column; the names carried over are right for nearly every neuron (same animal)."""
+    import csv
+
+    import fdnc_jax as fd
+
+    _, test = fd.load_demo_pair()
+    sizes = _recording(tmp_path / "rec.npz", test)
+    out = run_predict(
+        f"--recording={tmp_path / 'rec.npz'}",
+        "--reference_volume=11",
+        "--weights=small",
+        f"--out={tmp_path / 'tracks.csv'}",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "3 volumes (numbers 10..12)" in out.stdout
+    line = next(x for x in out.stdout.splitlines() if x.startswith("accuracy"))
+    correct, counted = map(int, line.split()[1].split("/"))
+    assert counted > 0.9 * sum(sizes) and correct / counted > 0.9, line
+    with open(tmp_path / "tracks.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(sizes)
+    assert [int(r["volume"]) for r in rows] == [10] * sizes[0] + [11] * sizes[1] + [12] * sizes[2]
+
+
+def test_recording_flag_errors(tmp_path):
+    import fdnc_jax as fd
+
+    _, test = fd.load_demo_pair()
+    _recording(tmp_path / "rec.csv", test, count=2)
+    out = run_predict(f"--recording={tmp_path / 'rec.csv'}", "--reference_volume=3")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--reference_volume=3: " in out.stderr and "volumes 10..11, 2 in all" in out.stderr
+    out = run_predict(f"--test={tmp_path / 'rec.csv'}")  # a recording given as one worm
+    assert out.returncode == 2 and "fdnc_jax.load_recording" in out.stderr
+    out = run_predict("--reference_volume=3", f"--test={tmp_path / 'rec.csv'}")
+    assert out.returncode != 0 and "give --recording" in out.stderr

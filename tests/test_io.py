@@ -5,7 +5,14 @@ import pickle
 import numpy as np
 import pytest
 
-from fdnc_jax.io import WormFileError, load_fdnc_pickle, load_worm, save_worm
+from fdnc_jax.io import (
+    WormFileError,
+    load_fdnc_pickle,
+    load_recording,
+    load_worm,
+    save_recording,
+    save_worm,
+)
 from fdnc_jax.worm import Worm
 
 
@@ -98,6 +105,105 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path, worm):
     assert (tmp_path / "w.npz").stat().st_mode & 0o044  # readable by others, not 0600
     with pytest.raises(TypeError, match="worm must be a Worm"):
         save_worm(np.zeros((3, 3)), tmp_path / "z.npz")
+
+
+@pytest.fixture
+def volumes(worm, np_rng):
+    """Three volumes of one animal: the worm's neurons, some dropped, moved a little; the middle
+    one with a neuron flagged uncertain."""
+    out = []
+    for k, drop in enumerate((0, 3, 5)):
+        w = worm.subset(np.sort(np_rng.permutation(worm.n)[: worm.n - drop]))
+        w = w.replace(xyz_um=w.xyz_um + np_rng.normal(0, 0.5, (w.n, 3)))
+        if k == 1:
+            w = w.replace(meta={**w.meta, "uncertain": [True] + [False] * (w.n - 1)})
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".npz"])
+def test_recording_round_trip(tmp_path, volumes, suffix):
+    """save_recording → load_recording gives every volume back (positions, names, color, the
+    uncertain flags), by volume number, whatever the order of the rows."""
+    path = tmp_path / f"rec{suffix}"
+    save_recording(volumes, path, numbers=[12, 3, 7])
+    back = load_recording(path)
+    assert [w.meta["volume"] for w in back] == [3, 7, 12]
+    for w, want in zip(back, [volumes[1], volumes[2], volumes[0]], strict=True):
+        np.testing.assert_array_equal(w.xyz_um, want.xyz_um)
+        np.testing.assert_array_equal(w.names, want.names)
+        np.testing.assert_array_equal(w.color, want.color)
+        assert w.meta.get("uncertain", [False] * w.n) == want.meta.get("uncertain", [False] * w.n)
+    if suffix == ".csv":  # Rows of a volume need not be contiguous.
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0], *lines[:0:-1]]) + "\n")
+        again = load_recording(path)
+        np.testing.assert_array_equal(again[0].xyz_um, volumes[1].xyz_um[::-1])
+
+
+def test_recording_keeps_side_and_default_numbers(tmp_path, volumes):
+    mirrored = [v.replace(mirrored=True, meta={}) for v in volumes]
+    save_recording(mirrored, tmp_path / "m.npz")
+    back = load_recording(tmp_path / "m.npz")
+    assert [w.meta["volume"] for w in back] == [0, 1, 2] and all(w.mirrored for w in back)
+    save_recording(back, tmp_path / "again.csv")  # numbers from meta["volume"]
+    assert [w.meta["volume"] for w in load_recording(tmp_path / "again.csv")] == [0, 1, 2]
+
+
+def test_a_recording_is_not_read_as_one_worm(tmp_path, volumes, worm):
+    """load_worm refuses a file with a volume column (it would mix every volume into one worm);
+    load_recording refuses a single worm."""
+    for suffix in (".csv", ".npz"):
+        save_recording(volumes, tmp_path / f"rec{suffix}")
+        with pytest.raises(WormFileError, match="3 volumes.*load_recording"):
+            load_worm(tmp_path / f"rec{suffix}")
+        save_worm(worm, tmp_path / f"one{suffix}")
+        with pytest.raises(WormFileError, match="not a recording"):
+            load_recording(tmp_path / f"one{suffix}")
+
+
+def test_bad_recordings_name_the_problem(tmp_path, volumes):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y,z,volume\n1,2,3,0\n4,5,6,zero\n")
+    with pytest.raises(WormFileError, match="line 3: volume 'zero' is not an integer"):
+        load_recording(bad)
+    rows = ["1,2,3,0", "4,5,6,0", "7,8,2,0", "7,8,9,1", "4000,5,6,1", "1,9,9,1"]
+    bad.write_text("x,y,z,volume\n" + "\n".join(rows) + "\n")
+    with pytest.raises(WormFileError, match="bad.csv: volume 1: .*pixels"):
+        load_recording(bad)
+    xyz = np.random.default_rng(0).uniform(0, 50, (6, 3))
+    np.savez(tmp_path / "f.npz", xyz_um=xyz, volume=np.zeros(6))
+    with pytest.raises(WormFileError, match="'volume' must hold integers"):
+        load_recording(tmp_path / "f.npz")
+    np.savez(tmp_path / "s.npz", xyz_um=xyz, volume=np.zeros(5, int))
+    with pytest.raises(WormFileError, match="'volume' has shape"):
+        load_recording(tmp_path / "s.npz")
+    np.savez(tmp_path / "n.npz", xyz_um=xyz, volume=np.zeros(6, int), names=np.array(["A"] * 4))
+    with pytest.raises(WormFileError, match="'names' has shape"):
+        load_recording(tmp_path / "n.npz")
+    with pytest.raises(WormFileError, match="no such file"):
+        load_recording(tmp_path / "missing.csv")
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(WormFileError, match="unknown recording file suffix"):
+        load_recording(tmp_path / "x.txt")
+
+
+def test_save_recording_bad_input(tmp_path, volumes):
+    with pytest.raises(ValueError, match="worms is empty"):
+        save_recording([], tmp_path / "r.csv")
+    with pytest.raises(TypeError, match=r"worms\[1\] is a ndarray, expected a Worm"):
+        save_recording([volumes[0], np.zeros((5, 3))], tmp_path / "r.csv")
+    with pytest.raises(ValueError, match="distinct integers"):
+        save_recording(volumes, tmp_path / "r.csv", numbers=[1, 1, 2])
+    with pytest.raises(TypeError, match="volume numbers must be integers"):
+        save_recording(volumes, tmp_path / "r.csv", numbers=[0, 1.5, 2])
+    with pytest.raises(ValueError, match="share their color channels"):
+        save_recording([volumes[0], volumes[1].replace(color=None)], tmp_path / "r.csv")
+    with pytest.raises(ValueError, match="all be mirrored or all not"):
+        save_recording([volumes[0], volumes[1].replace(mirrored=True)], tmp_path / "r.csv")
+    with pytest.raises(WormFileError, match="cannot save a recording"):
+        save_recording(volumes, tmp_path / "r.txt")
+    assert not any(tmp_path.iterdir())  # nothing half-written
 
 
 def test_pickle_needs_trust(tmp_path, np_rng):

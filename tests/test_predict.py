@@ -261,6 +261,31 @@ def test_csv_and_records_round_trip(demo_pred, tmp_path):
         assert row["candidate_probs"] == rec["candidate_probs"]
 
 
+def test_save_predictions_writes_one_csv_for_all_volumes(model, demo, tmp_path):
+    """One row per neuron of every volume, the volume number first, then each Prediction's own
+    records; a volume number per prediction is required."""
+    template, test = demo
+    volumes = [test, test.subset(np.arange(100))]
+    preds = fd.predict_batch(model, template, volumes, use_color=False, orientation="fixed")
+    path = tmp_path / "tracks.csv"
+    fd.save_predictions(preds, path, volumes=[4, 9])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == test.n + 100
+    assert list(rows[0]) == ["volume", *preds[0].to_records()[0]]
+    assert [int(r["volume"]) for r in rows] == [4] * test.n + [9] * 100
+    for row, rec in zip(rows[test.n :], preds[1].to_records(), strict=True):
+        assert int(row["test_index"]) == rec["test_index"]
+        assert int(row["assignment"]) == rec["assignment"] and row["label"] == rec["label"]
+    fd.save_predictions(preds, path)  # default numbers 0, 1
+    with open(path, newline="") as f:
+        assert {r["volume"] for r in csv.DictReader(f)} == {"0", "1"}
+    with pytest.raises(ValueError, match="volumes has 1 numbers for 2 predictions"):
+        fd.save_predictions(preds, path, volumes=[4])
+    with pytest.raises(ValueError, match="predictions is empty"):
+        fd.save_predictions([], path)
+
+
 def test_to_dataframe_without_pandas(demo_pred):
     if importlib.util.find_spec("pandas") is not None:
         pytest.skip("pandas is installed")

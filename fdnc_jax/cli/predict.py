@@ -4,6 +4,7 @@ Examples:
   fdnc-predict --demo
   fdnc-predict --test=new_worm.csv --out=names.csv        # names from the bundled NeuroPAL atlas
   fdnc-predict --template=template.npz --test=vol1.csv,vol2.csv --out=preds.csv --top_k=3
+  fdnc-predict --recording=rec.csv --reference_volume=0 --out=tracks.csv   # tracking
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ flags.DEFINE_string(
     "--reflect_template).",
 )
 flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
+flags.DEFINE_string(
+    "recording",
+    None,
+    "A recording file (.csv/.npz with a 'volume' column, fdnc_jax.load_recording): every volume "
+    "is a test worm; --out then writes one CSV with a volume column. Instead of --test.",
+)
+flags.DEFINE_integer(
+    "reference_volume",
+    None,
+    "With --recording: the number of the volume to track every volume to (the template), "
+    "instead of --template.",
+)
 flags.DEFINE_enum(
     "use_color",
     "auto",
@@ -41,7 +54,7 @@ flags.DEFINE_string(
     "out",
     None,
     "CSV to write (one row per test neuron; with several tests, "
-    "one file per test: OUT stem + _<test stem>.csv).",
+    "one file per test: OUT stem + _<test stem>.csv; with --recording, one file for all volumes).",
 )
 flags.DEFINE_string(
     "checkpoint", None, "Training workdir or weights .npz to load from (default: bundled)."
@@ -75,6 +88,67 @@ def _table(template, test, pred) -> str:
     return "\n".join(lines)
 
 
+def _inputs(fd) -> tuple:
+    """(template, test worms, their paths) from the flags; files are read before the model."""
+    if FLAGS.demo:
+        template, test = fd.load_demo_pair()
+        return template, [test], [Path("demo_test")]
+    if FLAGS.test and FLAGS.recording:
+        raise app.UsageError("give --test or --recording, not both")
+    if FLAGS.reference_volume is not None and not FLAGS.recording:
+        raise app.UsageError("--reference_volume picks a volume of --recording: give --recording")
+    if not (FLAGS.test or FLAGS.recording):
+        raise app.UsageError("give --test or --recording (and optionally --template), or --demo")
+    if FLAGS.recording:
+        tests = fd.load_recording(FLAGS.recording)
+        paths = [Path(FLAGS.recording)] * len(tests)
+    else:
+        paths = [Path(p) for p in FLAGS.test]
+        tests = [fd.load_worm(p) for p in paths]
+    if FLAGS.reference_volume is not None:
+        if FLAGS["template"].present:
+            raise ValueError("give --template or --reference_volume, not both")
+        found = [t for t in tests if t.meta["volume"] == FLAGS.reference_volume]
+        if not found:
+            numbers = [t.meta["volume"] for t in tests]
+            raise ValueError(
+                f"--reference_volume={FLAGS.reference_volume}: {FLAGS.recording} has no such "
+                f"volume (volumes {numbers[0]}..{numbers[-1]}, {len(numbers)} in all)"
+            )
+        return found[0], tests, paths
+    template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
+    return template, tests, paths
+
+
+def _report_recording(template, volumes, preds) -> None:
+    """Prints a summary of a recording's matching (and name accuracy when the volumes are
+    annotated); writes --out, one CSV for all volumes."""
+    import numpy as np
+
+    import fdnc_jax as fd
+    from fdnc_jax.metrics import name_accuracy
+
+    numbers = [v.meta["volume"] for v in volumes]
+    assigned = np.concatenate([p.assignment >= 0 for p in preds])
+    probability = np.concatenate([p.probability for p in preds])
+    print(
+        f"{FLAGS.recording}: {len(volumes)} volumes (numbers {numbers[0]}..{numbers[-1]}), "
+        f"{np.mean([v.n for v in volumes]):.1f} neurons per volume; {assigned.mean():.1%} of "
+        f"neurons assigned, mean probability of the assigned {probability[assigned].mean():.3f}"
+    )
+    scores = [name_accuracy(template, v, p.labels) for v, p in zip(volumes, preds, strict=True)]
+    counted = sum(c for _, c in scores)
+    if counted:
+        correct = sum(c for c, _ in scores)
+        print(
+            f"accuracy {correct}/{counted} = {correct / counted:.1%} over the annotated neurons "
+            "whose name is in the template"
+        )
+    if FLAGS.out:
+        fd.save_predictions(preds, FLAGS.out, volumes=numbers)
+        print(f"wrote {FLAGS.out}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -83,18 +157,7 @@ def main(argv):
     from fdnc_jax.metrics import name_accuracy
 
     try:
-        if FLAGS.demo:
-            template, test = fd.load_demo_pair()
-            tests, test_paths = [test], [Path("demo_test")]
-        else:
-            if not FLAGS.test:
-                raise app.UsageError("give --test (and optionally --template), or --demo")
-            if FLAGS.template == "atlas":
-                template = fd.load_atlas()
-            else:
-                template = fd.load_worm(FLAGS.template)
-            test_paths = [Path(p) for p in FLAGS.test]
-            tests = [fd.load_worm(p) for p in test_paths]
+        template, tests, test_paths = _inputs(fd)
         if FLAGS.mirrored_template:
             template = template.replace(mirrored=True)
         if FLAGS.mirrored_test:
@@ -126,6 +189,9 @@ def main(argv):
     except (ValueError, TypeError) as e:
         print(f"fdnc-predict: error: {e}", file=sys.stderr)
         return 2
+    if FLAGS.recording:
+        _report_recording(template, tests, preds)
+        return 0
     for path, test, pred in zip(test_paths, tests, preds, strict=True):
         if FLAGS.demo or len(tests) == 1:
             print(_table(template, test, pred))
