@@ -749,6 +749,11 @@ def _device_predictions(
 # that caps predict_batch. Results do not depend on it (each volume is independent).
 HOST_THREADS = min(8, os.cpu_count() or 1)
 HOST_PARALLEL_MIN = 8  # fewer volumes: a plain loop
+# With the matching on the host, predict_batch runs its volumes in blocks of this many, so a recording
+# of any length needs memory for one block's log-probs only (1,000 volumes of 150 neurons at once
+# took 590 MB more peak memory with the `small` model on CPU; a block of 256, ~150 MB). On CPU a
+# forward call holds at most 16 volumes; on an accelerator a block's 4-way search is 1,024 rows.
+HOST_BLOCK = 256
 
 
 @functools.cache
@@ -902,6 +907,35 @@ def predict_batch(
             min_probability,
             solver,
         )
+    return [
+        pred
+        for start in range(0, len(tests), HOST_BLOCK)
+        for pred in _host_predictions(
+            model,
+            template,
+            tests[start : start + HOST_BLOCK],
+            signs,
+            use_color,
+            color_weight,
+            top_k,
+            min_probability,
+        )
+    ]
+
+
+def _host_predictions(
+    model: Model,
+    template: Worm,
+    tests: Sequence[Worm],
+    signs: np.ndarray,
+    use_color: bool,
+    color_weight: float,
+    top_k: int,
+    min_probability: float,
+) -> list[Prediction]:
+    """``predict_batch`` with the matching on the host, for one block of tests: every hypothesis'
+    log-probs [M_i, N + 1] of the block are held at once (~0.5 MB per 150-neuron volume with
+    the 4-way search), so ``predict_batch`` runs blocks of ``HOST_BLOCK`` volumes."""
     all_log_probs, chosen = _log_probs(model, template, tests, signs, use_color, color_weight)
     return _host_map(
         lambda i: _prediction(

@@ -135,6 +135,30 @@ def test_predict_batch_chunks_and_padding(model, monkeypatch):
         close(b.probability, single.probability)
 
 
+def test_predict_batch_blocks_on_the_host_give_the_same_predictions(model, monkeypatch):
+    """Blocks of HOST_BLOCK volumes (the last one shorter), each searched and matched on its own,
+    give what one block of all the volumes gives, in order."""
+    template = cloud(40, 6)
+    tests = [cloud(40 + 7 * i, 200 + i) for i in range(7)]  # Several buckets, mixed in each block.
+    whole = fd.predict_batch(model, template, tests, top_k=2, match_on="host")
+    blocks = []
+    original = predict_mod._host_predictions
+
+    def counting(model, template, tests, *args):
+        blocks.append(len(tests))
+        return original(model, template, tests, *args)
+
+    monkeypatch.setattr(predict_mod, "_host_predictions", counting)
+    monkeypatch.setattr(predict_mod, "HOST_BLOCK", 3)
+    blocked = fd.predict_batch(model, template, tests, top_k=2, match_on="host")
+    assert blocks == [3, 3, 1]
+    for w, b in zip(whole, blocked, strict=True):
+        np.testing.assert_array_equal(b.assignment, w.assignment)
+        np.testing.assert_array_equal(b.orientation, w.orientation)
+        close(b.probability, w.probability)
+        close(b.candidate_probs, w.candidate_probs)
+
+
 def test_auto_matches_on_device_only_for_large_batches_on_accelerators(monkeypatch):
     """match_on='auto': host on CPU; on an accelerator the device from DEVICE_MATCH_MIN_ROWS rows."""
     monkeypatch.setattr(predict_mod.jax, "default_backend", lambda: "cpu")
