@@ -20,7 +20,7 @@ import csv
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,8 @@ class Prediction:
         Example:
           >>> pred.to_csv("names.csv")  # doctest: +SKIP
         """
-        _write_records(path, self.to_records())
+        records = self.to_records()
+        _write_records(path, list(records[0]), records)
 
     def to_dataframe(self):
         """``to_records()`` as a pandas DataFrame (needs pandas).
@@ -225,19 +226,19 @@ def save_predictions(
         raise ValueError(
             f"volumes has {len(volumes)} numbers for {len(predictions)} predictions; give one each"
         )
-    records = [
+    records = (  # One volume's records at a time: a long recording never sits in memory as dicts.
         {"volume": v, **record}
         for v, pred in zip(volumes, predictions, strict=True)
         for record in pred.to_records()
-    ]
-    _write_records(path, records)
+    )
+    _write_records(path, ["volume", *predictions[0].to_records()[0]], records)
 
 
-def _write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
-    """``records`` (dicts with the same keys) as a CSV at ``path``, atomically."""
+def _write_records(path: str | Path, fields: list[str], records: Iterable[dict[str, Any]]) -> None:
+    """``records`` (dicts with the keys ``fields``) as a CSV at ``path``, atomically."""
 
     def write(f):
-        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(records)
 
