@@ -123,3 +123,28 @@ def test_recording_flag_errors(tmp_path):
     assert out.returncode == 2 and "fdnc_jax.load_recording" in out.stderr
     out = run_predict("--reference_volume=3", f"--test={tmp_path / 'rec.csv'}")
     assert out.returncode != 0 and "give --recording" in out.stderr
+
+
+def test_test_flag_takes_a_folder_or_a_glob(tmp_path):
+    """--test=<folder> and --test='<glob>' stand for their files, in sorted order: one accuracy line
+    and one --out file per test worm."""
+    import fdnc_jax as fd
+
+    template, test = fd.load_demo_pair()
+    folder = tmp_path / "volumes"
+    for k in (2, 1):
+        fd.save_worm(test.subset(range(test.n - 10 * k)), folder / f"vol{k}.csv")
+    fd.save_worm(template, tmp_path / "template.npz")
+    for spec in (str(folder), str(folder / "vol*.csv")):
+        out = run_predict(
+            f"--template={tmp_path / 'template.npz'}",
+            f"--test={spec}",
+            "--weights=small",
+            f"--out={tmp_path / 'pred.csv'}",
+        )
+        assert out.returncode == 0, out.stderr
+        lines = [x for x in out.stdout.splitlines() if ": accuracy " in x]
+        assert [x.split(":")[0] for x in lines] == ["vol1.csv", "vol2.csv"], out.stdout
+        assert (tmp_path / "pred_vol1.csv").is_file() and (tmp_path / "pred_vol2.csv").is_file()
+    out = run_predict(f"--test={tmp_path / 'nothing*.csv'}")
+    assert out.returncode == 2 and "no worm files match" in out.stderr

@@ -28,7 +28,12 @@ flags.DEFINE_string(
     "handedness of the EY/NP WormND recordings: if your microscope records the other one, add "
     "--reflect_template).",
 )
-flags.DEFINE_list("test", None, "Test worm file(s) (.npz/.csv, µm), comma-separated.")
+flags.DEFINE_list(
+    "test",
+    None,
+    "Test worm file(s) (.npz/.csv, µm), comma-separated; a folder (its .npz/.csv files) or a quoted "
+    "glob ('volumes/*.csv') stands for the files in it, in sorted order.",
+)
 flags.DEFINE_string(
     "recording",
     None,
@@ -103,7 +108,7 @@ def _inputs(fd) -> tuple:
         tests = fd.load_recording(FLAGS.recording)
         paths = [Path(FLAGS.recording)] * len(tests)
     else:
-        paths = [Path(p) for p in FLAGS.test]
+        paths = _test_paths(FLAGS.test)
         tests = [fd.load_worm(p) for p in paths]
     if FLAGS.reference_volume is not None:
         if FLAGS["template"].present:
@@ -118,6 +123,19 @@ def _inputs(fd) -> tuple:
         return found[0], tests, paths
     template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
     return template, tests, paths
+
+
+def _test_paths(items: list[str]) -> list[Path]:
+    """The files of --test: each item a file, or a folder / glob standing for its sorted files."""
+    from fdnc_jax.datasets import resolve_worm_files
+
+    paths: list[Path] = []
+    for item in items:
+        if Path(item).is_dir() or any(c in item for c in "*?["):
+            paths.extend(resolve_worm_files([item]))
+        else:
+            paths.append(Path(item))  # load_worm names a missing file
+    return paths
 
 
 def _report_recording(template, volumes, preds) -> None:
