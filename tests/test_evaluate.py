@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from fdnc_jax import evaluate as ev
 from fdnc_jax import matching, plots
-from fdnc_jax.io import save_worm
+from fdnc_jax.io import save_recording, save_worm
 from fdnc_jax.model.fdnc import Model, ModelConfig
 from fdnc_jax.predict import predict
 from fdnc_jax.worm import Worm
@@ -416,6 +416,29 @@ def test_cli_baselines_and_errors(tmp_path):
     proc = _cli("--data", str(data), "--out", str(out), "--weights=nope", cwd=tmp_path)
     assert proc.returncode == 2 and "--checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_tracks_a_recording_file(tmp_path):
+    """--mode=tracking --recording: every volume but the reference one is scored against it (names
+    as ground truth); a wrong volume number or --recording outside tracking is a clear error."""
+    volumes = [_worm(i, wid=f"v{i}", noise=0.3) for i in range(4)]
+    save_recording(volumes, tmp_path / "rec.csv", numbers=[20, 21, 22, 23])
+    out = tmp_path / "out"
+    args = ["--mode=tracking", f"--recording={tmp_path / 'rec.csv'}", "--methods=none"]
+    proc = _cli(*args, "--reference_volume=22", "--out", str(out), "--plots=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["none"]["n_pairs"] == 3
+    assert summary["none"]["mean"] > 0.9  # the same animal, ~0.3 µm apart: centring is enough
+    with open(out / "pairs.csv", newline="") as f:
+        tested = {row["test"] for row in csv.DictReader(f)}
+    assert tested == {"rec_v20", "rec_v21", "rec_v23"}
+    proc = _cli(*args, "--reference_volume=5", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2 and "volumes 20..23, 4 in all" in proc.stderr
+    proc = _cli(
+        "--mode=pairs", f"--recording={tmp_path / 'rec.csv'}", "--out", str(out), cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "--recording is for --mode=tracking" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: make ``--help`` of a console script list its own flags."""
+"""Shared CLI plumbing: make ``--help`` of a console script list its own flags; recording volumes."""
 
 from __future__ import annotations
 
@@ -25,3 +25,19 @@ def run_main(main, module_name: str) -> None:
     for flag in fv.get_flags_for_module(module_name):
         fv.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+def recording_volume(volumes: list, number: int, recording: str):
+    """The volume numbered ``number`` (``meta["volume"]``) of ``load_recording(recording)``.
+
+    Raises:
+      ValueError: no such volume (naming the recording's range of volume numbers).
+    """
+    for v in volumes:
+        if v.meta["volume"] == number:
+            return v
+    numbers = [v.meta["volume"] for v in volumes]
+    raise ValueError(
+        f"--reference_volume={number}: {recording} has no such volume (volumes "
+        f"{numbers[0]}..{numbers[-1]}, {len(numbers)} in all)"
+    )

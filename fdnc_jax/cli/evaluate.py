@@ -7,6 +7,7 @@ Examples:
   fdnc-evaluate --mode=semisynthetic --data=heldout/ --num_pairs=2000 --out=eval_sim/
   fdnc-evaluate --mode=tracking --data='recording/vol_*.npz' --template=recording/vol_0000.npz \
       --tracking_by=index --out=eval_track/
+  fdnc-evaluate --mode=tracking --recording=annotated_recording.csv --reference_volume=0 --out=eval_track/
   fdnc-evaluate --mode=templates --data=data/wormnd --ensemble_size=5 --out=eval_templates/
 
 Writes OUT/summary.json, pairs.csv, per_neuron.csv, wilcoxon.csv, calibration.json, skipped.csv,
@@ -21,7 +22,12 @@ from pathlib import Path
 
 from absl import flags
 
-from fdnc_jax.cli._common import MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP, run_main
+from fdnc_jax.cli._common import (
+    MATMUL_DTYPE_CHOICES,
+    MATMUL_DTYPE_HELP,
+    recording_volume,
+    run_main,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -40,6 +46,18 @@ flags.DEFINE_string(
     None,
     "Worm files: a folder, a glob or a comma-separated list of .npz/.csv files "
     "(positions in µm, names for accuracy).",
+)
+flags.DEFINE_string(
+    "recording",
+    None,
+    "tracking mode: a recording file (.csv/.npz with a volume column, fdnc_jax.load_recording) "
+    "whose volumes are tracked, instead of --data.",
+)
+flags.DEFINE_integer(
+    "reference_volume",
+    None,
+    "tracking mode with --recording: the number of the volume every other volume is matched to "
+    "(default: the first volume; or give --template).",
 )
 flags.DEFINE_string(
     "template",
@@ -160,18 +178,40 @@ def _load_worms(spec: str):
     return worms, failed
 
 
+def _recording_volumes(path: str) -> list:
+    """The volumes of a recording file, each named ``<file stem>_v<number>`` in the tables."""
+    from fdnc_jax.io import load_recording
+
+    stem = Path(path).stem
+    return [_named(v, f"{stem}_v{v.meta['volume']}") for v in load_recording(path)]
+
+
 def _evaluate():
     from fdnc_jax import evaluate as ev
     from fdnc_jax.io import load_worm
 
-    if not FLAGS.data:
-        raise _Error("give --data (a folder, glob or list of worm files)")
+    if FLAGS.recording and FLAGS.mode != "tracking":
+        raise _Error("--recording is for --mode=tracking")
+    if FLAGS.reference_volume is not None and not FLAGS.recording:
+        raise _Error("--reference_volume picks a volume of --recording: give --recording")
+    if bool(FLAGS.data) == bool(FLAGS.recording):
+        raise _Error(
+            "give --data (a folder, glob or list of worm files)"
+            + (" or --recording (tracking mode), not both" if FLAGS.recording else "")
+        )
     if not FLAGS.out:
         raise _Error("give --out (the output folder)")
     methods = tuple(FLAGS.methods) if FLAGS.methods else _DEFAULT_METHODS[FLAGS.mode]
     methods = ev.parse_methods(methods, ev.METHODS)
-    worms, failed = _load_worms(FLAGS.data)
     template = None
+    if FLAGS.recording:
+        worms, failed = _recording_volumes(FLAGS.recording), []
+        if FLAGS.reference_volume is not None:
+            if FLAGS.template:
+                raise _Error("give --template or --reference_volume, not both")
+            template = recording_volume(worms, FLAGS.reference_volume, FLAGS.recording)
+    else:
+        worms, failed = _load_worms(FLAGS.data)
     if FLAGS.template:
         template = load_worm(FLAGS.template)
         template = _named(template, Path(FLAGS.template).stem)

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from absl import app, flags
 
-from fdnc_jax.cli._common import MATMUL_DTYPE_CHOICES, MATMUL_DTYPE_HELP, run_main
+from fdnc_jax.cli._common import (
+    MATMUL_DTYPE_CHOICES,
+    MATMUL_DTYPE_HELP,
+    recording_volume,
+    run_main,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -113,14 +118,8 @@ def _inputs(fd) -> tuple:
     if FLAGS.reference_volume is not None:
         if FLAGS["template"].present:
             raise ValueError("give --template or --reference_volume, not both")
-        found = [t for t in tests if t.meta["volume"] == FLAGS.reference_volume]
-        if not found:
-            numbers = [t.meta["volume"] for t in tests]
-            raise ValueError(
-                f"--reference_volume={FLAGS.reference_volume}: {FLAGS.recording} has no such "
-                f"volume (volumes {numbers[0]}..{numbers[-1]}, {len(numbers)} in all)"
-            )
-        return found[0], tests, paths
+        reference = recording_volume(tests, FLAGS.reference_volume, FLAGS.recording)
+        return reference, tests, paths
     template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
     return template, tests, paths
 
