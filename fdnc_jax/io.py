@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -175,8 +176,8 @@ def _load_npz(p: Path) -> Worm:
     arrays = _npz_arrays(p)
     if "xyz_um" not in arrays:
         raise _fail(p, f"missing array 'xyz_um' (found {sorted(arrays)})")
-    if "volume" in arrays:
-        raise _recording_error(p, len(np.unique(arrays["volume"])))
+    if "volume" in arrays and np.unique(arrays["volume"]).size > 1:
+        raise _recording_error(p, np.unique(arrays["volume"]).size)
     return _worm_from_arrays(p, arrays)
 
 
@@ -194,12 +195,15 @@ def _worm_from_arrays(p: Path, arrays: dict[str, Any]) -> Worm:
     uncertain = arrays.get("uncertain")
     if uncertain is not None:
         meta["uncertain"] = np.asarray(uncertain, bool).tolist()
+    mirrored = arrays.get("mirrored", False)
+    if np.size(mirrored) != 1:
+        raise _fail(p, f"'mirrored' must be one bool, got shape {np.shape(mirrored)}")
     return _worm_from_fields(
         p,
         xyz_um=arrays["xyz_um"],
         names=arrays.get("names"),
         color=arrays.get("rgb"),
-        mirrored=bool(arrays.get("mirrored", False)),
+        mirrored=bool(np.asarray(mirrored).reshape(())),
         meta=meta,
     )
 
@@ -209,8 +213,8 @@ def _write_npz(worm: Worm, f) -> None:
     if worm.color is not None:
         arrays["rgb"] = worm.color
     meta = dict(worm.meta)
-    if "uncertain" in meta:
-        arrays["uncertain"] = np.asarray(meta.pop("uncertain"), bool)
+    if meta.pop("uncertain", None) is not None:
+        arrays["uncertain"] = _uncertain_flags(worm)
     arrays["mirrored"] = np.asarray(worm.mirrored)
     arrays["meta"] = np.asarray(json.dumps(meta, sort_keys=True, default=str))
     write_npz(f, arrays)
@@ -315,7 +319,7 @@ def _read_csv_table(p: Path) -> dict[str, Any]:
 
 def _load_csv(p: Path) -> Worm:
     table = _read_csv_table(p)
-    if table["volume"] is not None:
+    if table["volume"] is not None and len(set(table["volume"])) > 1:
         raise _recording_error(p, len(set(table["volume"])))
     meta: dict[str, Any] = {"file": os.fspath(p)}
     if table["uncertain"] is not None:
@@ -328,7 +332,7 @@ def _load_csv(p: Path) -> Worm:
 def _recording_error(p: Path, volumes: int) -> WormFileError:
     return _fail(
         p,
-        f"has a 'volume' column ({volumes} volumes): a recording, not one worm; read it with "
+        f"has a 'volume' column with {volumes} volumes: a recording, not one worm; read it with "
         "fdnc_jax.load_recording (fdnc-predict --recording)",
     )
 
@@ -345,7 +349,7 @@ def _write_csv_rows(worms: list[Worm], f, volumes: list[int] | None = None) -> N
     if color is not None:
         c = color.shape[1]
         ccols = list(_RGB[:c]) if 3 <= c <= 4 else [f"c{i}" for i in range(c)]
-    flags = any("uncertain" in w.meta for w in worms)
+    flags = any(w.meta.get("uncertain") is not None for w in worms)
     w = csv.writer(f)
     w.writerow(
         ["x", "y", "z", "name", *ccols]
@@ -353,7 +357,7 @@ def _write_csv_rows(worms: list[Worm], f, volumes: list[int] | None = None) -> N
         + (["volume"] if volumes is not None else [])
     )
     for k, worm in enumerate(worms):
-        uncertain = worm.meta.get("uncertain", [False] * worm.n)
+        uncertain = _uncertain_flags(worm)
         for i in range(worm.n):
             row = [repr(float(v)) for v in worm.xyz_um[i]] + [worm.names[i]]
             if worm.color is not None:
@@ -365,7 +369,7 @@ def _write_csv_rows(worms: list[Worm], f, volumes: list[int] | None = None) -> N
             w.writerow(row)
 
 
-def load_recording(path: PathLike) -> list[Worm]:
+def load_recording(path: PathLike, skip_invalid: bool = False) -> list[Worm]:
     """Loads a recording: the neurons of many volumes (time points) of one animal, in one file.
 
     CSV: the columns of a worm CSV (``load_worm``) plus an integer ``volume`` column, one row per
@@ -377,13 +381,16 @@ def load_recording(path: PathLike) -> list[Worm]:
 
     Args:
       path: the ``.csv`` or ``.npz`` file.
+      skip_invalid: leave out, with a warning naming them, the volumes that are not valid worms
+        (e.g. a failed segmentation with fewer than 3 neurons); default: an error.
 
     Returns:
       One Worm per volume, by increasing volume number; ``worm.meta["volume"]`` is its number.
 
     Raises:
-      WormFileError: a missing or unreadable file, no ``volume`` column, a volume number that is
-        not an integer, or a volume that is not a valid worm (named).
+      WormFileError: a missing or unreadable file, no ``volume`` column, no rows, a volume number
+        that is not an integer, or a volume that is not a valid worm (named; unless
+        ``skip_invalid``), or no valid volume at all.
 
     Example:
       >>> import pathlib, tempfile
@@ -404,16 +411,29 @@ def load_recording(path: PathLike) -> list[Worm]:
     if suffix not in (".csv", ".npz"):
         raise _fail(p, f"unknown recording file suffix {suffix!r}; expected .csv or .npz")
     arrays, volume = _recording_csv(p) if suffix == ".csv" else _recording_npz(p)
-    worms = []
-    for v in np.unique(volume):
-        rows = np.flatnonzero(volume == v)
+    order = np.argsort(volume, kind="stable")  # rows grouped by volume, file order within one
+    numbers, starts = np.unique(volume[order], return_index=True)
+    worms, skipped = [], []
+    for v, rows in zip(numbers, np.split(order, starts[1:]), strict=True):
         part = {k: (a[rows] if k in _PER_ROW else a) for k, a in arrays.items()}
         try:
             worm = _worm_from_arrays(p, part)
         except WormFileError as e:
-            problem = str(e)[len(os.fspath(p)) + 2 :]  # _fail's "path: problem"
-            raise _fail(p, f"volume {int(v)}: {problem}") from e
+            problem = f"volume {int(v)}: " + str(e)[len(os.fspath(p)) + 2 :]  # "path: problem"
+            if not skip_invalid:
+                raise _fail(p, problem) from e
+            skipped.append(problem)
+            continue
         worms.append(worm.replace(meta={**worm.meta, "volume": int(v)}))
+    if skipped:
+        warnings.warn(
+            f"{os.fspath(p)}: skipped {len(skipped)} of {len(numbers)} volumes: "
+            + "; ".join(skipped[:5])
+            + (" ..." if len(skipped) > 5 else ""),
+            stacklevel=2,
+        )
+    if not worms:
+        raise _fail(p, f"none of its {len(numbers)} volumes is a valid worm")
     return worms
 
 
@@ -426,7 +446,7 @@ def _recording_csv(p: Path) -> tuple[dict[str, Any], np.ndarray]:
     for j, v in enumerate(table["volume"]):
         try:
             volume[j] = int(v)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise _fail(p, f"line {table['lines'][j]}: volume {v!r} is not an integer") from None
     arrays: dict[str, Any] = {"xyz_um": table["xyz"], "names": table["names"]}
     if table["color"] is not None:
@@ -446,6 +466,8 @@ def _recording_npz(p: Path) -> tuple[dict[str, Any], np.ndarray]:
     if volume.dtype.kind not in "iu":
         raise _fail(p, f"'volume' must hold integers, got dtype {volume.dtype}")
     rows = np.shape(arrays["xyz_um"])[:1]
+    if rows in ((), (0,)):
+        raise _fail(p, f"'xyz_um' has shape {np.shape(arrays['xyz_um'])}: no neurons")
     if np.ndim(volume) != 1 or np.shape(volume)[:1] != rows:
         raise _fail(p, f"'volume' has shape {np.shape(volume)}; expected one per row of 'xyz_um'")
     for key in _PER_ROW:
@@ -456,12 +478,8 @@ def _recording_npz(p: Path) -> tuple[dict[str, Any], np.ndarray]:
     return arrays, volume
 
 
-_PER_ROW = (
-    "xyz_um",
-    "names",
-    "rgb",
-    "uncertain",
-)  # A recording npz's arrays with one row per neuron.
+# A recording npz's arrays with one row per neuron.
+_PER_ROW = ("xyz_um", "names", "rgb", "uncertain")
 
 
 def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None = None) -> None:
@@ -469,7 +487,8 @@ def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None 
     reads them.
 
     Args:
-      worms: one Worm per volume, all with color (the same channels) or none, all on the same side.
+      worms: one Worm per volume, all with color (the same channels) or none, all on the same side
+        (mirrored volumes: ``.npz`` only; CSV has no mirrored flag).
       path: the destination; its suffix picks the format.
       numbers: each volume's number (default: ``meta["volume"]`` when every worm has one, else
         0, 1, ...); distinct integers.
@@ -487,6 +506,8 @@ def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None 
       ...     [w.n for w in load_recording(pathlib.Path(d) / "rec.npz")]
       [40, 45]
     """
+    if isinstance(worms, Worm):
+        raise TypeError("worms must be a list of Worms (one per volume), got a single Worm")
     worms = as_worm_list(worms)
     if not worms:
         raise ValueError("worms is empty: a recording needs at least one volume")
@@ -505,12 +526,20 @@ def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None 
         raise ValueError("the volumes must all be mirrored or all not (one animal, one side)")
     p = Path(path)
     suffix = p.suffix.lower()
+    if suffix == ".csv" and worms[0].mirrored:
+        raise ValueError("the volumes are mirrored and CSV has no mirrored flag: save as .npz")
     if suffix == ".csv":
         atomic_write(p, lambda f: _write_csv_rows(worms, f, numbers), binary=False)
     elif suffix == ".npz":
         atomic_write(p, lambda f: _write_recording_npz(worms, numbers, f), binary=True)
     else:
         raise _fail(p, f"cannot save a recording to suffix {suffix!r}; use .csv or .npz")
+
+
+def _uncertain_flags(worm: Worm) -> np.ndarray:
+    """[N] bool: the worm's ``meta["uncertain"]`` flags, all False when it has none."""
+    flags = worm.meta.get("uncertain")
+    return np.zeros(worm.n, bool) if flags is None else np.asarray(flags, bool)
 
 
 def _volume_number(v: Any) -> int:
@@ -528,10 +557,8 @@ def _write_recording_npz(worms: list[Worm], numbers: list[int], f) -> None:
     }
     if worms[0].color is not None:
         arrays["rgb"] = np.concatenate([w.color for w in worms])
-    if any("uncertain" in w.meta for w in worms):
-        arrays["uncertain"] = np.concatenate(
-            [np.asarray(w.meta.get("uncertain", [False] * w.n), bool) for w in worms]
-        )
+    if any(w.meta.get("uncertain") is not None for w in worms):
+        arrays["uncertain"] = np.concatenate([_uncertain_flags(w) for w in worms])
     shared = {k: v for k, v in worms[0].meta.items() if k not in ("uncertain", "volume", "file")}
     arrays["meta"] = np.asarray(json.dumps(shared, sort_keys=True, default=str))
     write_npz(f, arrays)

@@ -207,6 +207,7 @@ def save_predictions(
 
     Raises:
       ValueError: no predictions, or not one volume number per prediction.
+      TypeError: something else than Predictions, or volume numbers that are not integers.
 
     Example:
       >>> import fdnc_jax as fd, pathlib, tempfile
@@ -218,10 +219,21 @@ def save_predictions(
       >>> lines[0].split(",")[:4], len(lines) == 1 + 2 * test.n
       (['volume', 'test_index', 'assignment', 'label'], True)
     """
+    if isinstance(predictions, Prediction):
+        raise TypeError("predictions must be a list of Predictions (one per volume), got one")
     predictions = list(predictions)
     if not predictions:
         raise ValueError("predictions is empty: nothing to write")
-    volumes = list(range(len(predictions)) if volumes is None else volumes)
+    for i, pred in enumerate(predictions):
+        if not isinstance(pred, Prediction):
+            raise TypeError(f"predictions[{i}] is a {type(pred).__name__}, expected a Prediction")
+    if volumes is None:
+        volumes = range(len(predictions))
+    elif isinstance(volumes, str) or not isinstance(volumes, Sequence | np.ndarray):
+        raise TypeError(f"volumes must be a sequence of integers, got {type(volumes).__name__}")
+    volumes = list(volumes)
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in volumes):
+        raise TypeError(f"volumes must be integers (volume numbers), got {volumes[:5]}")
     if len(volumes) != len(predictions):
         raise ValueError(
             f"volumes has {len(volumes)} numbers for {len(predictions)} predictions; give one each"

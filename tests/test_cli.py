@@ -101,10 +101,11 @@ def test_recording_tracked_to_one_of_its_volumes(tmp_path):
         f"--out={tmp_path / 'tracks.csv'}",
     )
     assert out.returncode == 0, out.stderr
-    assert "3 volumes (numbers 10..12)" in out.stdout
+    assert "3 volumes (numbers 10..12)" in out.stdout and "reference: volume 11" in out.stdout
     line = next(x for x in out.stdout.splitlines() if x.startswith("accuracy"))
     correct, counted = map(int, line.split()[1].split("/"))
-    assert counted > 0.9 * sum(sizes) and correct / counted > 0.9, line
+    others = sizes[0] + sizes[2]  # the reference volume is not scored against itself
+    assert 0.9 * others < counted <= others and correct / counted > 0.9, line
     with open(tmp_path / "tracks.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(sizes)
@@ -123,6 +124,32 @@ def test_recording_flag_errors(tmp_path):
     assert out.returncode == 2 and "fdnc_jax.load_recording" in out.stderr
     out = run_predict("--reference_volume=3", f"--test={tmp_path / 'rec.csv'}")
     assert out.returncode != 0 and "give --recording" in out.stderr
+    out = run_predict("--demo", f"--recording={tmp_path / 'rec.csv'}")
+    assert out.returncode != 0 and "--demo uses the bundled demo pair" in out.stderr
+    rec = f"--recording={tmp_path / 'rec.csv'}"
+    out = run_predict(rec, "--reference_volume=10", "--reflect_template")
+    assert out.returncode == 2 and "drop --reflect_template" in out.stderr
+
+
+def test_recording_side_flags_reach_the_reference_volume(tmp_path):
+    """--reflect_test mirrors every volume, the reference included: tracking is unchanged (all
+    volumes stay in one frame)."""
+    import fdnc_jax as fd
+
+    _, test = fd.load_demo_pair()
+    _recording(tmp_path / "rec.npz", test)
+    for flag in ([], ["--reflect_test"]):
+        out = run_predict(
+            f"--recording={tmp_path / 'rec.npz'}", "--reference_volume=10", "--weights=small", *flag
+        )
+        assert out.returncode == 0, out.stderr
+        line = next(x for x in out.stdout.splitlines() if x.startswith("accuracy"))
+        correct, counted = map(int, line.split()[1].split("/"))
+        # A reference left unreflected (the other volumes' mirror image): ~97 %, mean
+        # probability ~0.68 instead of ~0.9.
+        assert correct / counted > 0.99, (flag, line)
+        mean = float(next(x for x in out.stdout.splitlines() if "volumes matched" in x).split()[-1])
+        assert mean > 0.85, (flag, mean)
 
 
 def test_test_flag_takes_a_folder_or_a_glob(tmp_path):
@@ -148,3 +175,13 @@ def test_test_flag_takes_a_folder_or_a_glob(tmp_path):
         assert (tmp_path / "pred_vol1.csv").is_file() and (tmp_path / "pred_vol2.csv").is_file()
     out = run_predict(f"--test={tmp_path / 'nothing*.csv'}")
     assert out.returncode == 2 and "no worm files match" in out.stderr
+    # A file named with glob characters is taken as named, not as a pattern ("vol[1].csv" would
+    # match "vol1.csv").
+    fd.save_worm(test.subset(range(50)), folder / "vol[1].csv")
+    out = run_predict(
+        f"--template={tmp_path / 'template.npz'}",
+        f"--test={folder / 'vol[1].csv'}",
+        "--weights=small",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "vol[1].csv: accuracy" in out.stdout and "/50 " in out.stdout

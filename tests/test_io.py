@@ -134,11 +134,14 @@ def test_recording_round_trip(tmp_path, volumes, suffix):
         np.testing.assert_array_equal(w.names, want.names)
         np.testing.assert_array_equal(w.color, want.color)
         assert w.meta.get("uncertain", [False] * w.n) == want.meta.get("uncertain", [False] * w.n)
-    if suffix == ".csv":  # Rows of a volume need not be contiguous.
+    if suffix == ".csv":  # Rows of the volumes interleaved: each volume keeps its rows' order.
         lines = path.read_text().splitlines()
-        path.write_text("\n".join([lines[0], *lines[:0:-1]]) + "\n")
+        rows = lines[1:]
+        order = np.random.default_rng(0).permutation(len(rows))
+        path.write_text("\n".join([lines[0], *(rows[i] for i in order)]) + "\n")
         again = load_recording(path)
-        np.testing.assert_array_equal(again[0].xyz_um, volumes[1].xyz_um[::-1])
+        v3 = np.array([i for i in order if rows[i].endswith(",3")])  # volume 3's file rows
+        np.testing.assert_array_equal(again[0].xyz_um, volumes[1].xyz_um[v3 - v3.min()])
 
 
 def test_recording_keeps_side_and_default_numbers(tmp_path, volumes):
@@ -146,8 +149,10 @@ def test_recording_keeps_side_and_default_numbers(tmp_path, volumes):
     save_recording(mirrored, tmp_path / "m.npz")
     back = load_recording(tmp_path / "m.npz")
     assert [w.meta["volume"] for w in back] == [0, 1, 2] and all(w.mirrored for w in back)
-    save_recording(back, tmp_path / "again.csv")  # numbers from meta["volume"]
-    assert [w.meta["volume"] for w in load_recording(tmp_path / "again.csv")] == [0, 1, 2]
+    save_recording(back, tmp_path / "again.npz")  # numbers from meta["volume"]
+    assert [w.meta["volume"] for w in load_recording(tmp_path / "again.npz")] == [0, 1, 2]
+    with pytest.raises(ValueError, match="CSV has no mirrored flag"):
+        save_recording(back, tmp_path / "again.csv")
 
 
 def test_a_recording_is_not_read_as_one_worm(tmp_path, volumes, worm):
@@ -160,6 +165,33 @@ def test_a_recording_is_not_read_as_one_worm(tmp_path, volumes, worm):
         save_worm(worm, tmp_path / f"one{suffix}")
         with pytest.raises(WormFileError, match="not a recording"):
             load_recording(tmp_path / f"one{suffix}")
+
+
+def test_a_one_volume_file_is_still_a_worm(tmp_path, volumes):
+    """A worm file that carries its volume number (one value) loads with load_worm as before."""
+    save_recording(volumes[:1], tmp_path / "one.csv", numbers=[4])
+    save_recording(volumes[:1], tmp_path / "one.npz", numbers=[4])
+    for suffix in (".csv", ".npz"):
+        np.testing.assert_array_equal(
+            load_worm(tmp_path / f"one{suffix}").xyz_um, volumes[0].xyz_um
+        )
+
+
+def test_skip_invalid_volumes(tmp_path, volumes):
+    """A failed segmentation (< 3 neurons) in one volume: an error naming it, or with
+    skip_invalid=True the other volumes and a warning naming it."""
+    rows = ["1,2,3,0", "40,5,6,0", "7,80,2,0", "7,8,9,1", "50,5,6,1", "9,9,40,1", "1,60,9,2"]
+    rows.append("30,6,9,2")  # volume 2: two neurons
+    (tmp_path / "r.csv").write_text("x,y,z,volume\n" + "\n".join(rows) + "\n")
+    with pytest.raises(WormFileError, match="volume 2: .*at least 3"):
+        load_recording(tmp_path / "r.csv")
+    with pytest.warns(UserWarning, match="skipped 1 of 3 volumes: volume 2: "):
+        kept = load_recording(tmp_path / "r.csv", skip_invalid=True)
+    assert [(w.meta["volume"], w.n) for w in kept] == [(0, 3), (1, 3)]
+    (tmp_path / "bad.csv").write_text("x,y,z,volume\n1,2,3,0\n4,5,6,0\n")
+    with pytest.raises(WormFileError, match="none of its 1 volumes is a valid worm"):
+        with pytest.warns(UserWarning):
+            load_recording(tmp_path / "bad.csv", skip_invalid=True)
 
 
 def test_bad_recordings_name_the_problem(tmp_path, volumes):
@@ -186,11 +218,22 @@ def test_bad_recordings_name_the_problem(tmp_path, volumes):
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(WormFileError, match="unknown recording file suffix"):
         load_recording(tmp_path / "x.txt")
+    np.savez(tmp_path / "e.npz", xyz_um=np.zeros((0, 3)), volume=np.zeros(0, int))
+    with pytest.raises(WormFileError, match="no neurons"):
+        load_recording(tmp_path / "e.npz")
+    np.savez(tmp_path / "m.npz", xyz_um=xyz, volume=np.zeros(6, int), mirrored=np.zeros(6, bool))
+    with pytest.raises(WormFileError, match="'mirrored' must be one bool"):
+        load_recording(tmp_path / "m.npz")
+    bad.write_text("x,y,z,volume\n1,2,3,99999999999999999999\n")
+    with pytest.raises(WormFileError, match="line 2: volume .* is not an integer"):
+        load_recording(bad)
 
 
 def test_save_recording_bad_input(tmp_path, volumes):
     with pytest.raises(ValueError, match="worms is empty"):
         save_recording([], tmp_path / "r.csv")
+    with pytest.raises(TypeError, match="got a single Worm"):
+        save_recording(volumes[0], tmp_path / "r.csv")
     with pytest.raises(TypeError, match=r"worms\[1\] is a ndarray, expected a Worm"):
         save_recording([volumes[0], np.zeros((5, 3))], tmp_path / "r.csv")
     with pytest.raises(ValueError, match="distinct integers"):

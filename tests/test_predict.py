@@ -308,6 +308,14 @@ def test_save_predictions_writes_one_csv_for_all_volumes(model, demo, tmp_path):
         fd.save_predictions(preds, path, volumes=[4])
     with pytest.raises(ValueError, match="predictions is empty"):
         fd.save_predictions([], path)
+    with pytest.raises(TypeError, match="got one"):
+        fd.save_predictions(preds[0], path)
+    with pytest.raises(TypeError, match=r"predictions\[1\] is a Worm"):
+        fd.save_predictions([preds[0], test], path)
+    with pytest.raises(TypeError, match="volumes must be a sequence"):
+        fd.save_predictions(preds, path, volumes=5)
+    with pytest.raises(TypeError, match="volumes must be integers"):
+        fd.save_predictions(preds, path, volumes=[1.5, 2])
 
 
 def test_to_dataframe_without_pandas(demo_pred):

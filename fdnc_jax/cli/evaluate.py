@@ -53,6 +53,12 @@ flags.DEFINE_string(
     "tracking mode: a recording file (.csv/.npz with a volume column, fdnc_jax.load_recording) "
     "whose volumes are tracked, instead of --data.",
 )
+flags.DEFINE_bool(
+    "skip_invalid_volumes",
+    False,
+    "tracking mode with --recording: leave out (with a warning) volumes that are not valid "
+    "worms, e.g. fewer than 3 neurons; default: an error naming the volume.",
+)
 flags.DEFINE_integer(
     "reference_volume",
     None,
@@ -183,7 +189,8 @@ def _recording_volumes(path: str) -> list:
     from fdnc_jax.io import load_recording
 
     stem = Path(path).stem
-    return [_named(v, f"{stem}_v{v.meta['volume']}") for v in load_recording(path)]
+    volumes = load_recording(path, skip_invalid=FLAGS.skip_invalid_volumes)
+    return [_named(v, f"{stem}_v{v.meta['volume']}") for v in volumes]
 
 
 def _evaluate():

@@ -45,6 +45,12 @@ flags.DEFINE_string(
     "A recording file (.csv/.npz with a 'volume' column, fdnc_jax.load_recording): every volume "
     "is a test worm; --out then writes one CSV with a volume column. Instead of --test.",
 )
+flags.DEFINE_bool(
+    "skip_invalid_volumes",
+    False,
+    "With --recording: leave out (with a warning) volumes that are not valid worms, e.g. fewer "
+    "than 3 neurons; default: an error naming the volume.",
+)
 flags.DEFINE_integer(
     "reference_volume",
     None,
@@ -99,29 +105,54 @@ def _table(template, test, pred) -> str:
 
 
 def _inputs(fd) -> tuple:
-    """(template, test worms, their paths) from the flags; files are read before the model."""
-    if FLAGS.demo:
-        template, test = fd.load_demo_pair()
-        return template, [test], [Path("demo_test")]
+    """(template, test worms, their paths) from the flags, the worms' side flags applied; files are
+    read before the model. With --reference_volume the template is that volume of the recording
+    (after the test-side flags, which it gets like every volume)."""
+    from fdnc_jax.atlas import mirror_image
+
+    if FLAGS.demo and (FLAGS.test or FLAGS.recording or FLAGS.reference_volume is not None):
+        raise app.UsageError(
+            "--demo uses the bundled demo pair: drop --test/--recording/--reference_volume"
+        )
     if FLAGS.test and FLAGS.recording:
         raise app.UsageError("give --test or --recording, not both")
     if FLAGS.reference_volume is not None and not FLAGS.recording:
         raise app.UsageError("--reference_volume picks a volume of --recording: give --recording")
-    if not (FLAGS.test or FLAGS.recording):
+    if FLAGS.skip_invalid_volumes and not FLAGS.recording:
+        raise app.UsageError("--skip_invalid_volumes applies to --recording")
+    if not (FLAGS.demo or FLAGS.test or FLAGS.recording):
         raise app.UsageError("give --test or --recording (and optionally --template), or --demo")
-    if FLAGS.recording:
-        tests = fd.load_recording(FLAGS.recording)
+    if FLAGS.demo:
+        template, test = fd.load_demo_pair()
+        tests, paths = [test], [Path("demo_test")]
+    elif FLAGS.recording:
+        tests = fd.load_recording(FLAGS.recording, skip_invalid=FLAGS.skip_invalid_volumes)
         paths = [Path(FLAGS.recording)] * len(tests)
     else:
         paths = _test_paths(FLAGS.test)
         tests = [fd.load_worm(p) for p in paths]
+    if FLAGS.mirrored_test:
+        tests = [t.replace(mirrored=True) for t in tests]
+    if FLAGS.reflect_test:
+        tests = [mirror_image(t) for t in tests]
     if FLAGS.reference_volume is not None:
-        if FLAGS["template"].present:
-            raise ValueError("give --template or --reference_volume, not both")
-        reference = recording_volume(tests, FLAGS.reference_volume, FLAGS.recording)
-        return reference, tests, paths
-    template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
+        given = [f"--{f}" for f in _TEMPLATE_FLAGS if FLAGS[f].present]
+        if given:
+            raise ValueError(
+                f"--reference_volume is a volume of the recording: drop {', '.join(given)} "
+                "(the test-side flags apply to it)"
+            )
+        return recording_volume(tests, FLAGS.reference_volume, FLAGS.recording), tests, paths
+    if not FLAGS.demo:
+        template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
+    if FLAGS.mirrored_template:
+        template = template.replace(mirrored=True)
+    if FLAGS.reflect_template:
+        template = mirror_image(template)
     return template, tests, paths
+
+
+_TEMPLATE_FLAGS = ("template", "mirrored_template", "reflect_template")
 
 
 def _test_paths(items: list[str]) -> list[Path]:
@@ -130,7 +161,9 @@ def _test_paths(items: list[str]) -> list[Path]:
 
     paths: list[Path] = []
     for item in items:
-        if Path(item).is_dir() or any(c in item for c in "*?["):
+        if Path(item).is_file():  # as named, even with glob characters ("scan[1].csv")
+            paths.append(Path(item))
+        elif Path(item).is_dir() or any(c in item for c in "*?["):
             paths.extend(resolve_worm_files([item]))
         else:
             paths.append(Path(item))  # load_worm names a missing file
@@ -139,21 +172,29 @@ def _test_paths(items: list[str]) -> list[Path]:
 
 def _report_recording(template, volumes, preds) -> None:
     """Prints a summary of a recording's matching (and name accuracy when the volumes are
-    annotated); writes --out, one CSV for all volumes."""
+    annotated; the reference volume, matched to itself, left out of both); writes --out, one CSV
+    for all volumes (the reference's own rows included)."""
     import numpy as np
 
     import fdnc_jax as fd
     from fdnc_jax.metrics import name_accuracy
 
     numbers = [v.meta["volume"] for v in volumes]
-    assigned = np.concatenate([p.assignment >= 0 for p in preds])
-    probability = np.concatenate([p.probability for p in preds])
+    others = [(v, p) for v, p in zip(volumes, preds, strict=True) if v is not template]
     print(
         f"{FLAGS.recording}: {len(volumes)} volumes (numbers {numbers[0]}..{numbers[-1]}), "
-        f"{np.mean([v.n for v in volumes]):.1f} neurons per volume; {assigned.mean():.1%} of "
-        f"neurons assigned, mean probability of the assigned {probability[assigned].mean():.3f}"
+        f"{np.mean([v.n for v in volumes]):.1f} neurons per volume"
+        + (f"; reference: volume {template.meta['volume']}" if len(others) < len(volumes) else "")
     )
-    scores = [name_accuracy(template, v, p.labels) for v, p in zip(volumes, preds, strict=True)]
+    if others:
+        assigned = np.concatenate([p.assignment >= 0 for _, p in others])
+        probability = np.concatenate([p.probability for _, p in others])
+        mean = f"{probability[assigned].mean():.3f}" if assigned.any() else "-"
+        print(
+            f"{len(others)} volumes matched: {assigned.mean():.1%} of their neurons assigned, mean "
+            f"probability of the assigned {mean}"
+        )
+    scores = [name_accuracy(template, v, p.labels) for v, p in others]
     counted = sum(c for _, c in scores)
     if counted:
         correct = sum(c for c, _ in scores)
@@ -170,19 +211,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import fdnc_jax as fd
-    from fdnc_jax.atlas import mirror_image
     from fdnc_jax.metrics import name_accuracy
 
     try:
         template, tests, test_paths = _inputs(fd)
-        if FLAGS.mirrored_template:
-            template = template.replace(mirrored=True)
-        if FLAGS.mirrored_test:
-            tests = [t.replace(mirrored=True) for t in tests]
-        if FLAGS.reflect_template:
-            template = mirror_image(template)
-        if FLAGS.reflect_test:
-            tests = [mirror_image(t) for t in tests]
         use_color = {"auto": None, "true": True, "false": False}[FLAGS.use_color]
         if FLAGS.checkpoint:
             model, source = fd.load_checkpoint(FLAGS.checkpoint), FLAGS.checkpoint
