@@ -131,6 +131,44 @@ def _score(
     return out
 
 
+def held_out_atlas(
+    worms: Sequence[Worm],
+    labs: Sequence[str],
+    lab: str,
+    handedness: Sequence[int] | None = None,
+    atlas_config: AtlasConfig = AtlasConfig(),
+    ids: Sequence[str] | None = None,
+) -> tuple[Worm, int]:
+    """The atlas template of every animal not from ``lab`` (those named well enough to align), in
+    ``lab``'s handedness convention: the sign of its animals' summed ``handedness`` (default
+    ``atlas.anatomical_handedness`` of each; zeros: no mirroring).
+
+    Args:
+      worms: labelled animals (µm); labs: one lab per worm; lab: the held-out lab.
+      handedness: +1 / −1 / 0 per worm. atlas_config: how the atlas is built. ids: worm ids
+        recorded in the atlas (default ``build_atlas``'s).
+
+    Returns:
+      (the atlas as a template Worm, the lab's convention +1 / −1 / 0).
+
+    Example:
+      >>> from fdnc_jax.datasets import bundled_worm_paths, load_worm
+      >>> worms = [load_worm(p) for p in bundled_worm_paths()]  # 4 labs, 2 animals each
+      >>> atlas, convention = held_out_atlas(worms, [lab_of(w) for w in worms], "NP")
+      >>> atlas.n > 100, convention  # NP records the animals' mirror images
+      (True, -1)
+    """
+    if handedness is None:
+        handedness = [anatomical_handedness(w) for w in worms]
+    test_idx = [i for i, la in enumerate(labs) if la == lab]
+    train_idx = [i for i, la in enumerate(labs) if la != lab]
+    convention = int(np.sign(sum(handedness[i] for i in test_idx)))
+    named = [train_idx[i] for i in alignable([worms[j] for j in train_idx], atlas_config)]
+    kept = None if ids is None else [ids[i] for i in named]
+    atlas = build_atlas([worms[i] for i in named], atlas_config, ids=kept).to_worm()
+    return in_convention(atlas, convention), convention
+
+
 def evaluate_templates(
     model: Model,
     worms: Sequence[Worm],
@@ -212,15 +250,9 @@ def evaluate_templates(
     total = sum(len(f[1]) * (len(f[3]) + 2) for f in folds) * len(modes)
     bar = tqdm(total=total, desc="templates", disable=not progress, leave=False)
     conventions = {}
-    for lab, test_idx, train_idx, singles, voters in folds:
-        convention = int(np.sign(sum(hand[i] for i in test_idx)))
+    for lab, test_idx, _, singles, voters in folds:
+        atlas, convention = held_out_atlas(worms, labs, lab, hand, atlas_config, ids)
         conventions[lab] = convention
-        named = [train_idx[i] for i in alignable([worms[j] for j in train_idx], atlas_config)]
-        atlas = build_atlas(
-            [worms[i] for i in named], atlas_config, ids=[ids[i] for i in named]
-        ).to_worm()
-        if match_handedness:
-            atlas = in_convention(atlas, convention)
         atlas_id = f"atlas(-{lab})"
         for mode in modes:
             use_color = COLOR_MODES[mode]

@@ -13,7 +13,7 @@ import pytest
 
 import fdnc_jax as fd
 from fdnc_jax import template_eval as te
-from fdnc_jax.datasets import bundled_worm_paths
+from fdnc_jax.datasets import bundled_worm_paths, lab_of
 from fdnc_jax.metrics import name_accuracy
 from fdnc_jax.model.fdnc import Model, ModelConfig
 from fdnc_jax.worm import Worm
@@ -202,3 +202,26 @@ def test_predict_cli_reflect_flags(tmp_path):
     proc = _run("fdnc_jax.cli.predict", f"--test={test}", "--reflect_test", "--use_color=false")
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout
+
+
+def test_held_out_atlas_uses_the_other_labs_in_the_labs_convention():
+    """The atlas of the animals not from the held-out lab, mirrored into that lab's handedness
+    convention (the sign of its animals' summed handedness); zeros: no mirroring."""
+    from fdnc_jax.atlas import build_atlas, in_convention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bundled worm has a duplicated point
+        worms = [fd.load_worm(p) for p in bundled_worm_paths()]
+    labs = [lab_of(w) for w in worms]
+    others = [w for w, la in zip(worms, labs, strict=True) if la != "NP"]
+    plain, convention = te.held_out_atlas(worms, labs, "NP", handedness=[0] * len(worms))
+    assert convention == 0
+    want = build_atlas(others).to_worm()
+    np.testing.assert_allclose(plain.xyz_um, want.xyz_um)
+    np.testing.assert_array_equal(plain.names, want.names)
+    # The atlas shows the mirror image (its majority's convention, -1); a lab of the other one:
+    hand = [+1 if la == "NP" else 0 for la in labs]
+    mirrored, convention = te.held_out_atlas(worms, labs, "NP", handedness=hand)
+    assert convention == +1
+    np.testing.assert_allclose(mirrored.xyz_um, in_convention(want, +1).xyz_um)
+    assert not np.allclose(mirrored.xyz_um, want.xyz_um)
