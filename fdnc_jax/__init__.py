@@ -11,7 +11,13 @@ from fdnc_jax.checkpoint import load_checkpoint, load_pretrained
 from fdnc_jax.datasets import load_demo_pair
 from fdnc_jax.io import load_fdnc_pickle, load_recording, load_worm, save_recording, save_worm
 from fdnc_jax.model.fdnc import Model
-from fdnc_jax.predict import Prediction, predict, predict_batch, save_predictions
+from fdnc_jax.predict import (
+    Prediction,
+    predict,
+    predict_batch,
+    save_predictions,
+    track_matrix,
+)
 from fdnc_jax.worm import Worm
 
 __version__ = "0.1.0"
@@ -33,4 +39,5 @@ __all__ = [
     "save_predictions",
     "save_recording",
     "save_worm",
+    "track_matrix",
 ]

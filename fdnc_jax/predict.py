@@ -246,6 +246,38 @@ def save_predictions(
     _write_records(path, ["volume", *predictions[0].to_records()[0]], records)
 
 
+def track_matrix(predictions: Sequence[Prediction]) -> np.ndarray:
+    """[T, N] int: for every volume t and template neuron j, the index of the volume's neuron
+    assigned to j (−1: none) — the tracks of a recording matched to one reference volume, e.g. to
+    read each reference neuron's activity trace out of per-volume ROI tables.
+
+    Args:
+      predictions: one Prediction per volume, all against the same template (N neurons).
+
+    Raises:
+      ValueError: no predictions, or predictions against templates of different sizes.
+
+    Example:
+      >>> import fdnc_jax as fd
+      >>> template, test = fd.load_demo_pair()
+      >>> preds = fd.predict_batch(fd.load_pretrained("small"), template, [template, test])
+      >>> tracks = track_matrix(preds)
+      >>> tracks.shape, bool((tracks[0] == np.arange(template.n)).mean() > 0.9)
+      ((2, 194), True)
+    """
+    predictions = list(predictions)
+    if not predictions:
+        raise ValueError("predictions is empty: no volumes to track")
+    sizes = {len(p.template_names) for p in predictions}
+    if len(sizes) > 1:
+        raise ValueError(f"predictions against templates of different sizes {sorted(sizes)}")
+    out = np.full((len(predictions), sizes.pop()), -1, np.int64)  # [T, N]
+    for t, pred in enumerate(predictions):
+        rows = np.flatnonzero(pred.assignment >= 0)
+        out[t, pred.assignment[rows]] = rows
+    return out
+
+
 def _write_records(path: str | Path, fields: list[str], records: Iterable[dict[str, Any]]) -> None:
     """``records`` (dicts with the keys ``fields``) as a CSV at ``path``, atomically."""
 

@@ -318,6 +318,24 @@ def test_save_predictions_writes_one_csv_for_all_volumes(model, demo, tmp_path):
         fd.save_predictions(preds, path, volumes=[1.5, 2])
 
 
+def test_track_matrix_inverts_the_assignments(model, demo):
+    """track_matrix[t, j] is the neuron of volume t assigned to template neuron j (-1: none)."""
+    template, test = demo
+    volumes = [test, test.subset(np.arange(0, test.n, 2))]
+    preds = fd.predict_batch(model, template, volumes, use_color=False, orientation="fixed")
+    tracks = fd.track_matrix(preds)
+    assert tracks.shape == (2, template.n) and tracks.dtype == np.int64
+    for t, pred in enumerate(preds):
+        found = tracks[t] >= 0
+        assert found.sum() == (pred.assignment >= 0).sum()
+        np.testing.assert_array_equal(pred.assignment[tracks[t][found]], np.flatnonzero(found))
+    with pytest.raises(ValueError, match="predictions is empty"):
+        fd.track_matrix([])
+    other = fd.predict(model, template.subset(np.arange(100)), test, use_color=False)
+    with pytest.raises(ValueError, match="templates of different sizes"):
+        fd.track_matrix([preds[0], other])
+
+
 def test_to_dataframe_without_pandas(demo_pred):
     if importlib.util.find_spec("pandas") is not None:
         pytest.skip("pandas is installed")
