@@ -185,3 +185,41 @@ def test_test_flag_takes_a_folder_or_a_glob(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "vol[1].csv: accuracy" in out.stdout and "/50 " in out.stdout
+
+
+def test_several_templates_vote(tmp_path):
+    """--template with several files (here a glob and the atlas): the templates vote, as
+    fd.predict with a list of templates, and the accuracy counts the names any of them carries."""
+    import numpy as np
+
+    import fdnc_jax as fd
+    from fdnc_jax.datasets import load_bundled_worm
+    from fdnc_jax.metrics import name_accuracy
+
+    _, test = fd.load_demo_pair()
+    voters = [load_bundled_worm(n) for n in ("NP_11_YAaLR", "EY_20190924_03")]
+    for i, v in enumerate(voters):
+        fd.save_worm(v, tmp_path / f"voter{i}.npz")
+    fd.save_worm(test, tmp_path / "test.npz")
+    out = run_predict(
+        f"--template={tmp_path / 'voter*.npz'},atlas",
+        f"--test={tmp_path / 'test.npz'}",
+        "--weights=small",
+        "--use_color=false",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "3 templates vote on every name" in out.stdout
+    line = next(x for x in out.stdout.splitlines() if ": accuracy " in x)
+    pred = fd.predict(
+        fd.load_pretrained("small"), [*voters, fd.load_atlas()], test, use_color=False
+    )
+    names = set(np.asarray(pred.template_names).tolist())
+    correct, counted = name_accuracy(names, test, pred.labels)
+    assert f"accuracy {correct}/{counted} " in line, line
+    out = run_predict(
+        f"--template={tmp_path / 'voter0.npz'},{tmp_path / 'test.npz'}",
+        f"--test={tmp_path / 'test.npz'}",
+        "--weights=small",
+    )
+    assert out.returncode == 0, out.stderr  # a plain comma-separated list of files
+    assert "2 templates vote on every name" in out.stdout

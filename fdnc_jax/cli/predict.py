@@ -5,6 +5,7 @@ Examples:
   fdnc-predict --test=new_worm.csv --out=names.csv        # names from the bundled NeuroPAL atlas
   fdnc-predict --template=template.npz --test=vol1.csv,vol2.csv --out=preds.csv --top_k=3
   fdnc-predict --recording=rec.csv --reference_volume=0 --out=tracks.csv   # tracking
+  fdnc-predict --template='annotated/*.npz',atlas --test=new_worm.csv      # several templates vote
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_bool(
     "demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy."
 )
-flags.DEFINE_string(
+flags.DEFINE_list(
     "template",
-    "atlas",
+    ["atlas"],
     "Template worm file (.npz/.csv; positions in µm, names optional), or "
     "'atlas' for the bundled NeuroPAL head atlas (194 named neurons, mean of 90 animals; in the "
     "handedness of the EY/NP WormND recordings: if your microscope records the other one, add "
-    "--reflect_template).",
+    "--reflect_template). Several (comma-separated; a folder or a quoted glob stands for its "
+    "files; 'atlas' may be one of them): labelled templates that vote — each test neuron's name "
+    "from their averaged per-name probabilities (fdnc_jax.predict with a list).",
 )
 flags.DEFINE_list(
     "test",
@@ -129,7 +132,7 @@ def _inputs(fd) -> tuple:
         tests = fd.load_recording(FLAGS.recording, skip_invalid=FLAGS.skip_invalid_volumes)
         paths = [Path(FLAGS.recording)] * len(tests)
     else:
-        paths = _test_paths(FLAGS.test)
+        paths = _worm_paths(FLAGS.test)
         tests = [fd.load_worm(p) for p in paths]
     if FLAGS.mirrored_test:
         tests = [t.replace(mirrored=True) for t in tests]
@@ -144,24 +147,40 @@ def _inputs(fd) -> tuple:
             )
         return recording_volume(tests, FLAGS.reference_volume, FLAGS.recording), tests, paths
     if not FLAGS.demo:
-        template = fd.load_atlas() if FLAGS.template == "atlas" else fd.load_worm(FLAGS.template)
+        templates = [
+            fd.load_atlas() if p == "atlas" else fd.load_worm(p)
+            for p in _worm_paths(FLAGS.template)
+        ]
+        template = templates[0] if len(templates) == 1 else templates
     if FLAGS.mirrored_template:
-        template = template.replace(mirrored=True)
+        template = _each(template, lambda t: t.replace(mirrored=True))
     if FLAGS.reflect_template:
-        template = mirror_image(template)
+        template = _each(template, mirror_image)
     return template, tests, paths
+
+
+def _each_list(template) -> list:
+    return template if isinstance(template, list) else [template]
+
+
+def _each(template, fn):
+    """``fn`` applied to the template, or to each template of a voting list."""
+    return [fn(t) for t in template] if isinstance(template, list) else fn(template)
 
 
 _TEMPLATE_FLAGS = ("template", "mirrored_template", "reflect_template")
 
 
-def _test_paths(items: list[str]) -> list[Path]:
-    """The files of --test: each item a file, or a folder / glob standing for its sorted files."""
+def _worm_paths(items: list[str]) -> list:
+    """The files of --test / --template: each item a file, or a folder / glob standing for its
+    sorted files ("atlas" kept as is)."""
     from fdnc_jax.datasets import resolve_worm_files
 
-    paths: list[Path] = []
+    paths: list = []
     for item in items:
-        if Path(item).is_file():  # as named, even with glob characters ("scan[1].csv")
+        if item == "atlas":
+            paths.append(item)
+        elif Path(item).is_file():  # as named, even with glob characters ("scan[1].csv")
             paths.append(Path(item))
         elif Path(item).is_dir() or any(c in item for c in "*?["):
             paths.extend(resolve_worm_files([item]))
@@ -221,20 +240,23 @@ def main(argv):
         else:
             name = FLAGS.weights
             if name == "auto":
-                colored = template.has_color and all(t.has_color for t in tests)
+                colored = all(t.has_color for t in _each_list(template) + tests)
                 name = "color" if colored else "default"
             model, source = fd.load_pretrained(name), f"bundled weights {name!r}"
         model = model.with_matmul_dtype(FLAGS.matmul_dtype)
         print(f"model: {source} ({model.num_params:,} parameters)")
-        preds = fd.predict_batch(
-            model,
-            template,
-            tests,
-            use_color=use_color,
-            color_weight=FLAGS.color_weight,
-            top_k=FLAGS.top_k,
-            min_probability=FLAGS.min_probability,
-        )
+        options = {
+            "use_color": use_color,
+            "color_weight": FLAGS.color_weight,
+            "top_k": FLAGS.top_k,
+            "min_probability": FLAGS.min_probability,
+        }
+        if isinstance(template, list):
+            print(f"{len(template)} templates vote on every name")
+            preds = [fd.predict(model, template, t, **options) for t in tests]
+            template = set().union(*(t.names[t.labelled].tolist() for t in template))
+        else:
+            preds = fd.predict_batch(model, template, tests, **options)
     except (ValueError, TypeError) as e:
         print(f"fdnc-predict: error: {e}", file=sys.stderr)
         return 2
