@@ -135,11 +135,14 @@ def test_predict_batch_chunks_and_padding(model, monkeypatch):
         close(b.probability, single.probability)
 
 
-def test_predict_batch_blocks_on_the_host_give_the_same_predictions(model, monkeypatch):
-    """Blocks of HOST_BLOCK volumes (the last one shorter), each searched and matched on its own,
-    give what one block of all the volumes gives, in order."""
-    template = cloud(40, 6)
-    tests = [cloud(40 + 7 * i, 200 + i) for i in range(7)]  # Several buckets, mixed in each block.
+def test_predict_batch_blocks_on_the_host_give_the_same_predictions(demo, monkeypatch):
+    """Blocks of HOST_BLOCK volumes (the last one shorter), each searched (4 flips, branch and
+    bound) and matched on its own, give what one block of all the volumes gives, in order."""
+    model = fd.load_pretrained("small")  # canonical pose: the orientation search runs per block
+    template, test = demo
+    rng = np.random.default_rng(5)
+    tests = [test.subset(np.sort(rng.permutation(test.n)[: 150 + 5 * i])) for i in range(7)]
+    tests[2] = tests[2].replace(xyz_um=tests[2].xyz_um * np.array([1.0, -1.0, -1.0]))  # turned
     whole = fd.predict_batch(model, template, tests, top_k=2, match_on="host")
     blocks = []
     original = predict_mod._host_predictions
