@@ -159,7 +159,8 @@ def _inputs(fd) -> tuple:
     return template, tests, paths
 
 
-def _each_list(template) -> list:
+def _template_list(template) -> list:
+    """The template as a list (a voting list as it is)."""
     return template if isinstance(template, list) else [template]
 
 
@@ -240,7 +241,7 @@ def main(argv):
         else:
             name = FLAGS.weights
             if name == "auto":
-                colored = all(t.has_color for t in _each_list(template) + tests)
+                colored = all(t.has_color for t in _template_list(template) + tests)
                 name = "color" if colored else "default"
             model, source = fd.load_pretrained(name), f"bundled weights {name!r}"
         model = model.with_matmul_dtype(FLAGS.matmul_dtype)
