@@ -796,7 +796,7 @@ HOST_THREADS = min(8, os.cpu_count() or 1)
 HOST_PARALLEL_MIN = 8  # fewer volumes: a plain loop
 # With the matching on the host, predict_batch runs its volumes in blocks of this many, so a recording
 # of any length needs memory for one block's log-probs only (1,000 volumes of 150 neurons at once
-# took 590 MB more peak memory with the `small` model on CPU; a block of 256, ~150 MB). On CPU a
+# took 593 MB more peak memory with the `small` model on CPU; blocks of 256, 247 MB). On CPU a
 # forward call holds at most 16 volumes; on an accelerator a block's 4-way search is 1,024 rows.
 HOST_BLOCK = 256
 
