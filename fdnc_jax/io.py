@@ -176,8 +176,9 @@ def _load_npz(p: Path) -> Worm:
     arrays = _npz_arrays(p)
     if "xyz_um" not in arrays:
         raise _fail(p, f"missing array 'xyz_um' (found {sorted(arrays)})")
-    if "volume" in arrays and np.unique(arrays["volume"]).size > 1:
-        raise _recording_error(p, np.unique(arrays["volume"]).size)
+    volumes = np.unique(arrays["volume"]).size if "volume" in arrays else 1
+    if volumes > 1:
+        raise _recording_error(p, volumes)
     return _worm_from_arrays(p, arrays)
 
 
@@ -319,8 +320,9 @@ def _read_csv_table(p: Path) -> dict[str, Any]:
 
 def _load_csv(p: Path) -> Worm:
     table = _read_csv_table(p)
-    if table["volume"] is not None and len(set(table["volume"])) > 1:
-        raise _recording_error(p, len(set(table["volume"])))
+    volumes = 1 if table["volume"] is None else len(set(table["volume"]))
+    if volumes > 1:
+        raise _recording_error(p, volumes)
     meta: dict[str, Any] = {"file": os.fspath(p)}
     if table["uncertain"] is not None:
         meta["uncertain"] = table["uncertain"]

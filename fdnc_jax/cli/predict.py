@@ -255,7 +255,7 @@ def main(argv):
         if isinstance(template, list):
             print(f"{len(template)} templates vote on every name")
             preds = [fd.predict(model, template, t, **options) for t in tests]
-            template = set().union(*(t.names[t.labelled].tolist() for t in template))
+            template = set(preds[0].template_names.tolist())  # the names the vote can give
         else:
             preds = fd.predict_batch(model, template, tests, **options)
     except (ValueError, TypeError) as e:
