@@ -9,6 +9,7 @@
 #   canon  + canonical pose (principal-axes frame) and no dropout
 #   real   + real across-animal pairs (half of the pairs), best weights chosen on real NP pairs
 #   color  + NeuroPAL color as a network input
+#   dbias  canon + the distance-biased attention (model.distance_bias) of configs/small.py
 #
 # Usage (repository root; data under $FDNC_SHARED/data/wormnd):
 #   FDNC_SHARED=... OUT=runs/gpu_session bash benchmarks/gpu_session.sh
@@ -19,7 +20,11 @@
 #   matching_bench (MATCHING_CAP seconds) and predict_bench (PREDICT_CAP seconds) before the
 #   training; simulate_bench after it only if time is left), FROM_SHIPPED
 #   (1: the real and color variants start from the bundled "default" / "color" weights —
-#   train.init_weights — so a new session continues their training instead of starting over).
+#   train.init_weights — so a new session continues their training instead of starting over),
+#   SMOKE (0: skip the 10-step smoke run, e.g. in a second call on the same machine),
+#   PREDICT_ARGS (e.g. --accelerator_sweep_only: predict_bench's GPU sweep alone).
+# VARIANTS="" runs no training (benchmarks only). Two calls on one lease, e.g.:
+#   BENCH=0 VARIANTS="real color dbias" ...   then   VARIANTS="" BENCH_FIRST=1 SMOKE=0 ...
 # Results in $OUT: <variant>.npz (best weights), logs.tar.gz (metrics, logs), session.log.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -37,6 +42,8 @@ WORK=${WORK:-/tmp/fdnc_gpu_session}
 DEADLINE=${DEADLINE:-570}  # seconds after the start: the benchmarks (run last) end by then
 SIMULATE_CAP=${SIMULATE_CAP:-90}
 MATCHING_CAP=${MATCHING_CAP:-120}
+SMOKE=${SMOKE:-1}
+PREDICT_ARGS=${PREDICT_ARGS:-}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -55,13 +62,15 @@ if [ -d "$WHEELS" ] && ls "$WHEELS"/ml_collections*.whl > /dev/null 2>&1; then
 fi
 $PY -c "import jax, flax, optax, orbax.checkpoint as o, ml_collections; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
-if ! smoke; then
+if [ "$SMOKE" != 1 ]; then
+  say "smoke run skipped"
+elif ! smoke; then
   say "smoke run failed with the installed packages:"; tail -20 "$WORK/smoke.log"
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site2" "$WHEELS"/*.whl
   export PYTHONPATH="$WORK/site2:$PYTHONPATH"
   smoke || { say "smoke run failed with the carried wheels too:"; tail -30 "$WORK/smoke.log"; exit 1; }
 fi
-say "smoke run ok"
+[ "$SMOKE" = 1 ] && say "smoke run ok"
 
 shipped() { [ "$FROM_SHIPPED" = 1 ] && echo "--config.train.init_weights=$1"; }
 
@@ -74,6 +83,7 @@ variant_flags() {
     canon) echo "$canon" ;;
     real) echo "$canon $real $(shipped default)" ;;
     color) echo "$canon $real $color $(shipped color)" ;;
+    dbias) echo "$canon --config.model.distance_bias=True" ;;
   esac
 }
 
@@ -81,7 +91,8 @@ left() { echo $((DEADLINE - SECONDS)); }
 predict_bench() {
   local cap=$1
   say "predict_bench (${cap}s at most)"
-  timeout "$cap" $PY benchmarks/predict_bench.py > "$WORK/predict_bench.txt" 2>&1
+  # shellcheck disable=SC2086
+  timeout "$cap" $PY benchmarks/predict_bench.py $PREDICT_ARGS > "$WORK/predict_bench.txt" 2>&1
   grep -v -i warning "$WORK/predict_bench.txt"
 }
 matching_bench() {
@@ -95,25 +106,26 @@ if [ "$BENCH" = 1 ] && [ "$BENCH_FIRST" = 1 ]; then
   TRAIN_MINUTES=$($PY -c "print(round(max(0.5, min($TRAIN_MINUTES, ($(left) - $TRAIN_OVERHEAD) / 60)), 2))")
 fi
 
-n=$(echo $VARIANTS | wc -w)
-frac=$($PY -c "print(round(0.9 / $n, 3))")
-say "training variants [$VARIANTS], $TRAIN_MINUTES min each, side by side (GPU memory fraction $frac)"
-pids=""
-for v in $VARIANTS; do
-  rm -rf "$WORK/$v"
-  # shellcheck disable=SC2046
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$frac timeout $($PY -c "print(int($TRAIN_MINUTES * 60 + $TRAIN_OVERHEAD - 40))") \
-    $PY -m fdnc_jax.cli.train --config="$BASE_CONFIG" --workdir="$WORK/$v" \
-    --config.data.sources="$FDNC_SHARED/data/wormnd/*.npz" --config.train.progress_bar=False \
-    --config.train.max_minutes="$TRAIN_MINUTES" $(variant_flags "$v") > "$WORK/$v.log" 2>&1 &
-  pids="$pids $!"
-done
-for p in $pids; do wait "$p" || say "a training process exited with status $?"; done
-say "training done"
+if [ -n "${VARIANTS// /}" ]; then
+  n=$(echo $VARIANTS | wc -w)
+  frac=$($PY -c "print(round(0.9 / $n, 3))")
+  say "training variants [$VARIANTS], $TRAIN_MINUTES min each, side by side (GPU memory fraction $frac)"
+  pids=""
+  for v in $VARIANTS; do
+    rm -rf "$WORK/$v"
+    # shellcheck disable=SC2046
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac timeout $($PY -c "print(int($TRAIN_MINUTES * 60 + $TRAIN_OVERHEAD - 40))") \
+      $PY -m fdnc_jax.cli.train --config="$BASE_CONFIG" --workdir="$WORK/$v" \
+      --config.data.sources="$FDNC_SHARED/data/wormnd/*.npz" --config.train.progress_bar=False \
+      --config.train.max_minutes="$TRAIN_MINUTES" $(variant_flags "$v") > "$WORK/$v.log" 2>&1 &
+    pids="$pids $!"
+  done
+  for p in $pids; do wait "$p" || say "a training process exited with status $?"; done
+  say "training done"
 
-for v in $VARIANTS; do
-  echo "== $v"; grep -v -i "warning" "$WORK/$v.log" | tail -4
-  $PY - "$WORK/$v" "$OUT/$v.npz" <<'EOF' || say "export of $v failed"
+  for v in $VARIANTS; do
+    echo "== $v"; grep -v -i "warning" "$WORK/$v.log" | tail -4
+    $PY - "$WORK/$v" "$OUT/$v.npz" <<'EOF' || say "export of $v failed"
 import json, sys
 from fdnc_jax.checkpoint import load_checkpoint, save_weights
 workdir, dest = sys.argv[1:]
@@ -125,7 +137,8 @@ print(f"steps {last['step']} in {last['elapsed_s']:.0f} s ({last['step'] / last[
       f"best {model.info}; last validation: "
       + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if "accuracy" in k))
 EOF
-done
+  done
+fi
 if [ "$BENCH" = 1 ] && [ "$(left)" -gt 30 ]; then
   say "simulate_bench (${SIMULATE_CAP}s at most)"
   timeout $(( $(left) < SIMULATE_CAP ? $(left) : SIMULATE_CAP )) $PY benchmarks/simulate_bench.py \

@@ -39,6 +39,7 @@ Notes from profiling on this project's 2-core AVX-512/AMX Xeon:
 
 Run (needs the ``bench`` extra, ``pip install -e .[bench]``):
   python benchmarks/predict_bench.py
+  python benchmarks/predict_bench.py --accelerator_sweep_only  # GPU: section 2's sweep alone
 The last line is ``predict single_pair_ms=<float> torch_ms=<float> speedup=<float>``.
 """
 
@@ -62,7 +63,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+try:  # the bench extra; --accelerator_sweep_only runs without it
+    import torch  # noqa: E402
+except ImportError:
+    torch = None
 
 import fdnc_jax as fd  # noqa: E402
 from fdnc_jax import matching  # noqa: E402
@@ -71,7 +76,9 @@ from fdnc_jax.worm import to_model_units  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
 from timing import timed  # noqa: E402
-from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
+
+if torch is not None:
+    from torch_reference import canonical_pose, count_params, from_fdnc  # noqa: E402
 from volumes import BATCH_NEURONS, tracking_volumes  # noqa: E402
 
 predict_mod = importlib.import_module("fdnc_jax.predict")  # The module; fd.predict is a function.
@@ -101,17 +108,19 @@ def throughput(fn, batch: int) -> float:
 
 # On a GPU run (JAX sees a GPU and torch has CUDA) the torch side runs on the GPU too, with TF32
 # matrix products allowed as XLA's default f32 precision on GPU does.
-ON_GPU = jax.default_backend() == "gpu" and torch.cuda.is_available()
-TORCH_DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+ON_GPU = jax.default_backend() == "gpu"
+TORCH_DEVICE = None if torch is None else torch.device(
+    "cuda" if ON_GPU and torch.cuda.is_available() else "cpu")
 if ON_GPU:
     MIN_SECONDS = 1.0
+if ON_GPU and torch is not None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
 
 def torch_sync() -> None:
     """Waits for queued CUDA work (timing); nothing on CPU."""
-    if ON_GPU:
+    if TORCH_DEVICE is not None and TORCH_DEVICE.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -119,6 +128,11 @@ def torch_inputs(worms: list[fd.Worm]) -> tuple[torch.Tensor, torch.Tensor]:
     """Model units, canonical pose (unpadded, equal sizes) → ([B, P, 3], [B, P] mask)."""
     xyz = torch.from_numpy(np.stack([to_model_units(w)[0] for w in worms])).to(TORCH_DEVICE)
     return canonical_pose(xyz), torch.ones(xyz.shape[:2], dtype=torch.bool, device=TORCH_DEVICE)
+
+
+SWEEP_VOLUMES = 8192  # predict_batch calls of the accelerator sweep
+SWEEP_CHUNKS = (2048, 4096, 8192, 1024)  # the default first: a capped run keeps the first rows
+AUTO_VOLUMES = 4096  # the orientation="auto" rows (8 forwards per volume)
 
 
 def accelerator_sweep(model, template, worms) -> None:
@@ -130,24 +144,36 @@ def accelerator_sweep(model, template, worms) -> None:
           flush=True)
     defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget
 
-    def rate(solver: str, **kwargs) -> str:
+    def rate(solver: str, tests=worms, **kwargs) -> str:
         try:
-            return f"  {solver} {throughput(lambda: fd.predict_batch(model, template, worms, use_color=False, device_solver=solver, **kwargs), n):>9.1f}"  # noqa: E501
+            return f"  {solver} {throughput(lambda: fd.predict_batch(model, template, tests, use_color=False, device_solver=solver, **kwargs), len(tests)):>9.1f}"  # noqa: E501
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
             return f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
 
     predict_mod._accelerator_budget = lambda: 64 << 30  # the chunk alone decides
-    for chunk in (256, 1024, 2048, 4096):
+    for chunk in SWEEP_CHUNKS:
         predict_mod.BATCH_CHUNK = chunk
         print(f"  chunk {chunk:>5}:" + "".join(
             rate(s, orientation="fixed") for s in matching.DEVICE_SOLVERS), flush=True)
     predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget = defaults
-    print("  default chunk, orientation='auto' (4 flips, both directions, chosen on the device):"
-          + "".join(rate(s) for s in matching.DEVICE_SOLVERS), flush=True)
+    auto = worms[:AUTO_VOLUMES]
+    print(f"  default chunk, orientation='auto' (4 flips, both directions, chosen on the device), "
+          f"{len(auto)} volumes:" + "".join(rate(s, auto) for s in matching.DEVICE_SOLVERS),
+          flush=True)
+
+
+def sweep_only() -> None:
+    """``--accelerator_sweep_only``: the GPU sweep alone (no torch side, no single pair)."""
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}")
+    template, worms = tracking_volumes(SWEEP_VOLUMES)
+    accelerator_sweep(fd.load_pretrained("default"), template, worms)
 
 
 def main() -> None:
     n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if torch is None:
+        raise SystemExit("predict_bench needs PyTorch for its baseline: pip install -e .[bench]")
     torch.set_num_threads(n_threads)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), CPU: {cpu_name()}")
@@ -286,4 +312,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sweep_only() if "--accelerator_sweep_only" in sys.argv[1:] else main()
