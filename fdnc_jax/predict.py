@@ -50,7 +50,8 @@ SIZE_BUCKETS = (*range(64, 256, 16), 256, 288, 320, 384, 448, 512, 640, 768, 102
 # paper-size forward ran at 0.7 k volumes/s in calls of 1, 13.5 k in calls of 64, 18.6 k in calls of
 # 1,024; the device matching (a sequential Hungarian, launch-bound) at 1.1 k / 3.2 k / 9.2 k / 12.3 k
 # volumes/s in calls of 256 / 1,024 / 4,096 / 16,384, so predict_batch of 4,096 volumes ran at 971,
-# 2,359 and 3,212 volumes/s with chunks of 256, 1,024 and 2,048.
+# 2,359 and 3,212 volumes/s with chunks of 256, 1,024 and 2,048. With the auction (H200, 8,192
+# volumes): 4,391 / 5,451 / 5,357 / 5,389 volumes/s with chunks of 1,024 / 2,048 / 4,096 / 8,192.
 BATCH_CHUNK = 2048
 # On accelerators a chunk keeps its attention logits, weights and feed-forward activations (an
 # overestimate: 9 MB per volume of 150 + 150 neurons, where XLA used ~6.6 MB) under a third of the
@@ -65,12 +66,16 @@ MATCH_ON = ("auto", "host", "device")
 # 795 with chunks of 256).
 DEVICE_MATCH_MIN_ROWS = 1024
 # The device matching's default assignment solver (``matching.DEVICE_SOLVERS``; ``predict_batch``'s
-# ``device_solver`` chooses per call). The parallel auction
-# (``fdnc_jax.auction``) replaces the sequential row loop by ~500–1,000 rounds of [16, N] work per
-# volume, all volumes at once; on a 2-core CPU it is slower than the Hungarian (119 vs 142 volumes/s,
-# 256 tracking volumes, ``benchmarks/matching_bench.py``), and it has not yet been timed on a GPU, so
-# the measured Hungarian stays the default (``matching_bench.py`` and ``predict_bench.py`` time both).
-DEVICE_SOLVER = "hungarian"
+# ``device_solver`` chooses per call). The parallel auction (``fdnc_jax.auction``) replaces the
+# Hungarian's sequential row loop by ~500–1,500 rounds of [16, N] work per volume, all volumes at
+# once. On an H200 (2026-11-27, ``benchmarks/matching_bench.py``, 150-neuron tracking volumes) it
+# matched 3.4× / 2.9× / 1.8× / 1.6× as many volumes per second as the Hungarian at batch 256 /
+# 1,024 / 4,096 / 16,384 (25.1 k vs 15.5 k volumes/s at 16,384), with the Hungarian's very
+# assignment for 99.9 % of volumes (total score ≤ 4.5e-5 below the optimum); ``predict_batch`` of
+# 8,192 volumes (``predict_bench.py --accelerator_sweep_only``, chunks of 2,048) ran at 5,451 vs
+# 3,307 volumes/s. On a 2-core CPU it is 0.83× the Hungarian, but there the matching runs on the
+# host unless ``match_on="device"`` is forced.
+DEVICE_SOLVER = "auction"
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are
 # page-faulted afresh on every call. There a chunk keeps its large activations (one head's attention
 # weights and the feed-forward hidden layer, per volume) under this size: measured best on a 2-core
@@ -921,7 +926,9 @@ def predict_batch(
         rounding (tested).
       device_solver: the device matching's one-to-one assignment (``matching.DEVICE_SOLVERS``):
         "hungarian" (optax) or "auction" (``fdnc_jax.auction``, parallel over rows and volumes);
-        None: ``DEVICE_SOLVER`` ("hungarian"). Used only where the matching runs on the device.
+        None: ``DEVICE_SOLVER`` ("auction": faster on GPUs, within ``auction.DEFAULT_TOLERANCE``
+        of the optimal total score; "hungarian" is exact). Used only where the matching runs on the
+        device.
 
     Returns:
       One Prediction per test worm, in order.
