@@ -40,7 +40,7 @@ from fdnc_jax.orientation import (
     orientation_hypotheses,
     reverse_key,
 )
-from fdnc_jax.worm import Worm, to_model_units
+from fdnc_jax.worm import Worm, to_model_units, to_model_units_padded
 
 # Steps of 16 up to 256 (heads have ~100–200 neurons: padding adds at most ~15 % tokens), coarser
 # above. The forward's cost grows with N + M, so a finer grid trades compiles (~0.8 s each for
@@ -666,25 +666,28 @@ def _padded_tests(
 ):
     """The test side of every chunk, per bucket M_b (the template padded to ``n_bucket``): yields
     ``(part, xyz [b, M_b, 3], mask [b, M_b], color [b, M_b, 3] or None, signs [b, 3])`` with
-    ``b`` a power of two (``_chunk_size``; rows past ``part`` are padding), each test prepared
-    once for all its hypotheses."""
+    ``b`` a power of two (``_chunk_size``; rows past ``part`` are padding). Positions are
+    normalised a chunk at a time (``to_model_units_padded``), colors once per test."""
     for m_bucket, items in groups.items():
         limit = _max_chunk(model, n_bucket, m_bucket)
-        padded: dict[int, tuple[np.ndarray, ...]] = {}  # per test, shared by its hypotheses
+        colors: dict[int, np.ndarray] = {}  # per test, shared by its hypotheses
         for start in range(0, len(items), limit):
             part = items[start : start + limit]
             b = _chunk_size(len(part), limit)
             xyz = np.zeros((b, m_bucket, 3), np.float32)
             mask = np.zeros((b, m_bucket), bool)
-            color = np.zeros((b, m_bucket, 3), np.float32) if with_color else None
+            xyz[: len(part)], mask[: len(part)] = to_model_units_padded(
+                [tests[i] for i, _ in part], m_bucket
+            )  # [len(part), M_b, 3], [len(part), M_b]
             b_signs = np.ones((b, 3), np.float32)
-            for j, (i, h) in enumerate(part):
-                if i not in padded:
-                    padded[i] = _model_inputs(tests[i], m_bucket, with_color, "test")
-                xyz[j], mask[j], c = padded[i]
-                b_signs[j] = signs[h]
-                if with_color:
-                    color[j] = c
+            b_signs[: len(part)] = signs[[h for _, h in part]]
+            color = None
+            if with_color:
+                color = np.zeros((b, m_bucket, 3), np.float32)
+                for j, (i, _) in enumerate(part):
+                    if i not in colors:
+                        colors[i] = _model_inputs(tests[i], m_bucket, True, "test")[2]
+                    color[j] = colors[i]
             yield part, xyz, mask, color, b_signs
 
 
@@ -746,7 +749,6 @@ def _device_predictions(
         chosen = _device_orientations(
             model, template, tests, signs, solver, use_color, color_weight
         )
-    found: dict[int, dict[str, np.ndarray]] = {}
 
     def dispatch(part, inputs, lp):
         t_mask, s_mask, t_color, s_color = inputs
@@ -768,30 +770,46 @@ def _device_predictions(
             **colors,
         )
 
-    def collect(part, out):
+    names = np.append(template.names, "")  # [N + 1]: '' for "no label"
+    preds: list[Prediction | None] = [None] * len(tests)
+
+    def collect(part, out):  # runs while the device works on the next chunk
         host = jax.device_get(out)
         for j, (i, _) in enumerate(part):
-            found[i] = {key: value[j] for key, value in host.items()}
+            h = 0 if chosen is None else int(chosen[i])
+            row = {key: value[j] for key, value in host.items()}
+            preds[i] = _device_prediction(row, tests[i].n, names, signs[h], min_probability)
 
     chunks = _forward_chunks(model, template, tests, signs, use_color, chosen)
     _pipelined(chunks, dispatch, collect)
-    preds = []
-    for i, test in enumerate(tests):
-        h = 0 if chosen is None else int(chosen[i])
-        r, m = found[i], test.n
-        assignment = r["assignment"][:m].astype(np.int64)
-        probability = r["probability"][:m].astype(np.float64)
-        low = (assignment >= 0) & (probability < min_probability)
-        assignment[low], probability[low] = matching.NO_LABEL, 0.0
-        result = matching.Matching(
-            assignment=assignment,
-            probability=probability,
-            candidates=r["candidates"][:m].astype(np.int64),
-            candidate_probs=r["candidate_probs"][:m].astype(np.float64),
-            outlier_probability=r["outlier_probability"][:m].astype(np.float64),
-        )
-        preds.append(_prediction_of(result, template.names, signs[h]))
     return preds
+
+
+def _device_prediction(
+    row: dict[str, np.ndarray],
+    m: int,
+    names: np.ndarray,
+    orientation: np.ndarray,
+    min_probability: float,
+) -> Prediction:
+    """The Prediction of one test from its padded ``match_batch_device`` results ``row``
+    (assignment [M_b], probability [M_b], candidates and candidate_probs [M_b, K],
+    outlier_probability [M_b]), its ``m`` neurons, the template ``names`` + '' [N + 1] and the
+    kept orientation [3]; ``min_probability`` turns weaker assignments into "no label"."""
+    assignment = row["assignment"][:m].astype(np.int64)
+    probability = row["probability"][:m].astype(np.float64)
+    low = (assignment >= 0) & (probability < min_probability)
+    assignment[low], probability[low] = matching.NO_LABEL, 0.0
+    return Prediction(
+        assignment=assignment,
+        labels=names[assignment],  # −1 picks the trailing ''
+        probability=probability,
+        candidates=row["candidates"][:m].astype(np.int64),
+        candidate_probs=row["candidate_probs"][:m].astype(np.float64),
+        outlier_probability=row["outlier_probability"][:m].astype(np.float64),
+        template_names=names[:-1],
+        orientation=orientation.astype(np.float32),
+    )
 
 
 # Host matching (Hungarian, softmax, top-k) of many volumes runs in a thread pool: scipy's assignment

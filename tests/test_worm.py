@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from fdnc_jax.worm import UM_PER_PX, Worm, from_model_units, to_model_units
+from fdnc_jax.worm import (
+    UM_PER_PX,
+    Worm,
+    from_model_units,
+    to_model_units,
+    to_model_units_padded,
+)
 
 
 def _cloud(rng, n=40, extent=100.0):
@@ -26,6 +32,22 @@ def test_mirrored_negates_x_and_z_and_round_trips(np_rng):
     mirrored, center = to_model_units(Worm(xyz_um=xyz, mirrored=True))
     np.testing.assert_allclose(mirrored, plain * np.array([-1, 1, -1]), atol=1e-7)
     np.testing.assert_allclose(from_model_units(mirrored, center, True), xyz, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:xyz_um has .* duplicated")
+def test_padded_model_units_equal_one_worm_at_a_time(np_rng):
+    # Odd and even sizes (median of one vs two middle points), a worm filling the whole size,
+    # mirrored worms and ties: exactly to_model_units' numbers, zeros past each worm.
+    sizes = [3, 4, 7, 40, 63, 64]
+    worms = [Worm(xyz_um=_cloud(np_rng, n), mirrored=bool(i % 2)) for i, n in enumerate(sizes)]
+    worms.append(Worm(xyz_um=4.0 * np.round(_cloud(np_rng, 20, extent=3.0))))  # many ties
+    xyz, mask = to_model_units_padded(worms, 64)
+    assert xyz.shape == (7, 64, 3) and xyz.dtype == np.float32
+    for j, w in enumerate(worms):
+        np.testing.assert_array_equal(xyz[j, : w.n], to_model_units(w)[0])
+        assert not xyz[j, w.n :].any() and mask[j].sum() == w.n and mask[j, : w.n].all()
+    with pytest.raises(ValueError, match="does not fit size=32"):
+        to_model_units_padded(worms, 32)
 
 
 def test_from_pixels_scales_per_axis(np_rng):
