@@ -376,13 +376,13 @@ def load_pretrained(name: str = "default") -> Model:
     """The weights shipped inside the package (``fdnc_jax/data/MODEL_CARD.md``).
 
     * ``"default"`` (``fdnc_position``): the paper-size network (6 layers, D 128, 8 heads, FF 2048;
-      canonical pose) trained on an H100 for 11 minutes on semi-synthetic and real across-animal
-      pairs of the EY, SF and SK1 labs; positions only, so it works for every worm.
+      canonical pose) trained for 17 GPU minutes (H100, then H200) on semi-synthetic and real
+      across-animal pairs of the EY, SF and SK1 labs; positions only, so it works for every worm.
     * ``"color"`` (``fdnc_color``): the same with normalised NeuroPAL color (R, G, B) as network
       input; template and test worms need color. The best model for NeuroPAL animals.
     * ``"small"`` (``fdnc_small``): ``configs/small.py``, a 150 k-parameter network with
       distance-biased attention trained for 30 minutes on 2 CPU cores; ~3x faster on a CPU, less
-      accurate (26 % vs 43 % on real NP pairs from positions).
+      accurate (26 % vs 46 % on real NP pairs from positions).
 
     Args:
       name: "default", "color", "small", or the file name ``fdnc_jax/data/<name>.npz``.
