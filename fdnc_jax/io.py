@@ -101,6 +101,7 @@ def save_worm(worm: Worm, path: PathLike) -> None:
 
     Raises:
       WormFileError: an unsupported suffix.
+      ValueError: a mirrored worm to ``.csv`` (CSV has no mirrored flag: it would come back unmirrored).
 
     Example:
       >>> import pathlib, tempfile
@@ -116,6 +117,8 @@ def save_worm(worm: Worm, path: PathLike) -> None:
     suffix = p.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise _fail(p, f"cannot save to suffix {suffix!r}; use .npz or .csv")
+    if suffix == ".csv" and worm.mirrored:
+        raise ValueError(f"{p}: the worm is mirrored and CSV has no mirrored flag: save as .npz")
     if suffix == ".npz":
         atomic_write(p, lambda f: _write_npz(worm, f), binary=True)
     else:

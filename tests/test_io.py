@@ -45,6 +45,15 @@ def test_npz_keeps_meta_and_mirrored(tmp_path, worm):
     assert back.mirrored and back.meta["lab"] == "test"
 
 
+def test_csv_refuses_a_mirrored_worm_and_leaves_the_file(tmp_path, worm):
+    path = tmp_path / "w.csv"
+    save_worm(worm, path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="mirrored and CSV has no mirrored flag: save as .npz"):
+        save_worm(worm.replace(mirrored=True), path)
+    assert path.read_bytes() == before
+
+
 def test_csv_generic_channels_and_no_color(tmp_path, np_rng):
     w = Worm(xyz_um=np_rng.uniform(0, 80, (10, 3)), color=np_rng.uniform(1, 2, (10, 6)))
     save_worm(w, tmp_path / "c.csv")
