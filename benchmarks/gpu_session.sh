@@ -30,7 +30,7 @@ set -u
 OUT=${OUT:-runs/gpu_session}
 TRAIN_MINUTES=${TRAIN_MINUTES:-4.5}
 BASE_CONFIG=${BASE_CONFIG:-configs/default.py}
-VARIANTS=${VARIANTS:-"paper canon real color"}
+VARIANTS=${VARIANTS-"paper canon real color"}  # set but empty: no training
 BENCH=${BENCH:-1}
 BENCH_FIRST=${BENCH_FIRST:-0}
 PREDICT_CAP=${PREDICT_CAP:-240}  # predict_bench times predict_batch by chunk, solver and orientation mode too
