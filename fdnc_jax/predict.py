@@ -337,10 +337,12 @@ def _model_inputs(
     xyz, _ = to_model_units(worm)
     mask = np.zeros((size,), bool)
     mask[: worm.n] = True
-    color = None
-    if with_color:
-        color = _pad(matching.normalize_color(worm.color_for_matching(name)), size)
-    return _pad(xyz, size), mask, color
+    return _pad(xyz, size), mask, _model_color(worm, size, name) if with_color else None
+
+
+def _model_color(worm: Worm, size: int, name: str = "worm") -> np.ndarray:
+    """Padded per-neuron normalised colors [size, 3] (zero rows as padding)."""
+    return _pad(matching.normalize_color(worm.color_for_matching(name)), size)
 
 
 def _check_inputs(
@@ -686,7 +688,7 @@ def _padded_tests(
                 color = np.zeros((b, m_bucket, 3), np.float32)
                 for j, (i, _) in enumerate(part):
                     if i not in colors:
-                        colors[i] = _model_inputs(tests[i], m_bucket, True, "test")[2]
+                        colors[i] = _model_color(tests[i], m_bucket, "test")
                     color[j] = colors[i]
             yield part, xyz, mask, color, b_signs
 
@@ -770,7 +772,6 @@ def _device_predictions(
             **colors,
         )
 
-    names = np.append(template.names, "")  # [N + 1]: '' for "no label"
     preds: list[Prediction | None] = [None] * len(tests)
 
     def collect(part, out):  # runs while the device works on the next chunk
@@ -778,7 +779,9 @@ def _device_predictions(
         for j, (i, _) in enumerate(part):
             h = 0 if chosen is None else int(chosen[i])
             row = {key: value[j] for key, value in host.items()}
-            preds[i] = _device_prediction(row, tests[i].n, names, signs[h], min_probability)
+            preds[i] = _device_prediction(
+                row, tests[i].n, template.names, signs[h], min_probability
+            )
 
     chunks = _forward_chunks(model, template, tests, signs, use_color, chosen)
     _pipelined(chunks, dispatch, collect)
@@ -794,22 +797,20 @@ def _device_prediction(
 ) -> Prediction:
     """The Prediction of one test from its padded ``match_batch_device`` results ``row``
     (assignment [M_b], probability [M_b], candidates and candidate_probs [M_b, K],
-    outlier_probability [M_b]), its ``m`` neurons, the template ``names`` + '' [N + 1] and the
-    kept orientation [3]; ``min_probability`` turns weaker assignments into "no label"."""
+    outlier_probability [M_b]), its ``m`` neurons, the template ``names`` [N] and the kept
+    orientation [3]; ``min_probability`` turns weaker assignments into "no label"."""
     assignment = row["assignment"][:m].astype(np.int64)
     probability = row["probability"][:m].astype(np.float64)
     low = (assignment >= 0) & (probability < min_probability)
     assignment[low], probability[low] = matching.NO_LABEL, 0.0
-    return Prediction(
+    result = matching.Matching(
         assignment=assignment,
-        labels=names[assignment],  # −1 picks the trailing ''
         probability=probability,
         candidates=row["candidates"][:m].astype(np.int64),
         candidate_probs=row["candidate_probs"][:m].astype(np.float64),
         outlier_probability=row["outlier_probability"][:m].astype(np.float64),
-        template_names=names[:-1],
-        orientation=orientation.astype(np.float32),
     )
+    return _prediction_of(result, names, orientation)
 
 
 # Host matching (Hungarian, softmax, top-k) of many volumes runs in a thread pool: scipy's assignment
@@ -850,7 +851,7 @@ def _color_kwargs(template: Worm, test: Worm, use_color: bool, color_weight: flo
 
 def _labels_of(names: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     """[M] names of the assigned template neurons, '' where unassigned (−1)."""
-    return np.append(names, "")[np.where(assignment >= 0, assignment, len(names))]
+    return np.where(assignment >= 0, names[np.maximum(assignment, 0)], "")
 
 
 def _prediction(
