@@ -117,8 +117,6 @@ def save_worm(worm: Worm, path: PathLike) -> None:
     suffix = p.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise _fail(p, f"cannot save to suffix {suffix!r}; use .npz or .csv")
-    if suffix == ".csv" and worm.mirrored:
-        raise ValueError(f"{p}: the worm is mirrored and CSV has no mirrored flag: save as .npz")
     if suffix == ".npz":
         atomic_write(p, lambda f: _write_npz(worm, f), binary=True)
     else:
@@ -348,7 +346,12 @@ def _write_csv(worm: Worm, f) -> None:
 
 def _write_csv_rows(worms: list[Worm], f, volumes: list[int] | None = None) -> None:
     """The CSV of one worm, or of a recording's volumes (``volumes``: one number per worm, written
-    in a last ``volume`` column). The worms share their color channels (checked by the caller)."""
+    in a last ``volume`` column). The worms share their color channels (checked by the caller).
+    Mirrored worms are refused (ValueError): CSV has no mirrored flag, they would come back
+    unmirrored; ``atomic_write`` then leaves the file there untouched."""
+    if any(w.mirrored for w in worms):
+        what = "the worm is" if volumes is None else "the volumes are"
+        raise ValueError(f"{what} mirrored and CSV has no mirrored flag: save as .npz")
     color = worms[0].color
     ccols: list[str] = []
     if color is not None:
@@ -531,8 +534,6 @@ def save_recording(worms: list[Worm], path: PathLike, numbers: list[int] | None 
         raise ValueError("the volumes must all be mirrored or all not (one animal, one side)")
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix == ".csv" and worms[0].mirrored:
-        raise ValueError("the volumes are mirrored and CSV has no mirrored flag: save as .npz")
     if suffix == ".csv":
         atomic_write(p, lambda f: _write_csv_rows(worms, f, numbers), binary=False)
     elif suffix == ".npz":
