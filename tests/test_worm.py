@@ -35,16 +35,25 @@ def test_mirrored_negates_x_and_z_and_round_trips(np_rng):
 
 
 @pytest.mark.filterwarnings("ignore:xyz_um has .* duplicated")
+def _np_median_units(worm):
+    """The conversion written with np.median, independent of fdnc_jax.worm's implementation."""
+    px = worm.xyz_um.astype(np.float64) / 0.42
+    xyz = (px - np.median(px, axis=0)) / 200.0
+    return (xyz * ([-1.0, 1.0, -1.0] if worm.mirrored else 1.0)).astype(np.float32)
+
+
 def test_padded_model_units_equal_one_worm_at_a_time(np_rng):
     # Odd and even sizes (median of one vs two middle points), a worm filling the whole size,
-    # mirrored worms and ties: exactly to_model_units' numbers, zeros past each worm.
+    # mirrored worms and ties: exactly np.median's numbers, one worm at a time or padded, zeros
+    # past each worm.
     sizes = [3, 4, 7, 40, 63, 64]
     worms = [Worm(xyz_um=_cloud(np_rng, n), mirrored=bool(i % 2)) for i, n in enumerate(sizes)]
     worms.append(Worm(xyz_um=4.0 * np.round(_cloud(np_rng, 20, extent=3.0))))  # many ties
     xyz, mask = to_model_units_padded(worms, 64)
     assert xyz.shape == (7, 64, 3) and xyz.dtype == np.float32
     for j, w in enumerate(worms):
-        np.testing.assert_array_equal(xyz[j, : w.n], to_model_units(w)[0])
+        np.testing.assert_array_equal(xyz[j, : w.n], _np_median_units(w))
+        np.testing.assert_array_equal(to_model_units(w)[0], _np_median_units(w))
         assert not xyz[j, w.n :].any() and mask[j].sum() == w.n and mask[j, : w.n].all()
     with pytest.raises(ValueError, match="does not fit size=32"):
         to_model_units_padded(worms, 32)
