@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 50  # Steps between training-metric logs.
     config.train.eval_every = 500  # Steps between validations (paper: 500).
     config.train.checkpoint_every = 500  # Steps between "latest" checkpoints.
+    # "plateau" (paper): constant rate, lowered on validation plateaus (below); "cosine": warm-up
+    # over train.warmup_steps, then a cosine decay to zero at train.steps (no plateau rule).
+    config.train.lr_schedule = "plateau"
+    config.train.warmup_steps = 0  # Linear warm-up steps of the "cosine" schedule.
     config.train.plateau_patience = 5  # Validations without improvement before lr decay (paper).
     config.train.plateau_factor = 0.5  # Learning-rate factor on plateau; best weights restored.
     config.train.max_plateau_trials = 10  # Stop after this many decays (paper).

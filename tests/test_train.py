@@ -279,6 +279,52 @@ def test_time_budget_validates_saves_and_resumes(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path, which="latest").info["step"] == 50
 
 
+def test_cosine_schedule_follows_steps_and_resumes_exactly(tmp_path, monkeypatch):
+    from fdnc_jax.train import loop
+    from fdnc_jax.train.step import learning_rate_schedule
+
+    # plateau_patience=1 would halve the rate at almost every validation under the plateau rule.
+    config = tiny_config(
+        steps=12, eval_every=3, log_every=1, checkpoint_every=3, plateau_patience=1,
+        lr_schedule="cosine", warmup_steps=2, learning_rate=1e-3,
+    )
+    train_and_evaluate(config, tmp_path / "a")
+    schedule = learning_rate_schedule(1e-3, "cosine", steps=12, warmup_steps=2)
+    records = [r for r in _records(tmp_path / "a") if "lr" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    # Logged after step s: the rate step s used, schedule(s - 1): warm-up, peak, decay to ~0.
+    np.testing.assert_allclose(
+        [r["lr"] for r in records], [float(schedule(s - 1)) for s in range(1, 13)], rtol=1e-5, atol=1e-9
+    )
+    assert records[2]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] < 3e-5
+
+    # Stopped part-way by the time budget, then resumed: the same parameters as in one go.
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(loop, "_now", lambda: float(next(clock)))
+    config.train.max_minutes = 1.0
+    train_and_evaluate(config, tmp_path / "b")
+    stop = _records(tmp_path / "b")[-1]["step"]
+    assert 1 < stop < 12
+    config.train.max_minutes = 0.0
+    train_and_evaluate(config, tmp_path / "b")
+    a = load_checkpoint(tmp_path / "a", which="latest")
+    b = load_checkpoint(tmp_path / "b", which="latest")
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"lr_schedule": "linear"}, "lr_schedule='linear' must be one of"),
+        ({"lr_schedule": "cosine", "steps": 5, "warmup_steps": 5}, "warmup_steps"),
+    ],
+)
+def test_bad_learning_rate_schedule_is_named(tmp_path, train, message):
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(**train), tmp_path)
+
+
 def test_init_weights_starts_from_given_weights(trained, tmp_path):
     from fdnc_jax.model.fdnc import ModelConfig
     from fdnc_jax.train.loop import initial_model

@@ -10,8 +10,8 @@ from absl import app, flags
 MATMUL_DTYPE_CHOICES = ["float32", "bfloat16"]
 MATMUL_DTYPE_HELP = (
     "Operand type of the network's matrix products: bfloat16 (float32 accumulation) is ~1.4x "
-    "faster on CPUs with bfloat16 units (Intel AMX); accuracy unchanged on average, single pairs "
-    "move by ~0.6 points (README, Benchmarks)."
+    "faster on CPUs with bfloat16 units (Intel AMX), slower on those without (AMD Zen 3: 0.7x); "
+    "accuracy unchanged on average, single pairs move by ~0.6 points (README, Benchmarks)."
 )
 
 

@@ -267,8 +267,9 @@ class Model:
         block take bfloat16 operands and accumulate in float32 (``bfloat16_dot_general``);
         embedding, scores, softmax and LayerNorm stay float32. An inference option for CPUs with
         bfloat16 matrix units (Intel AMX / AVX512-BF16), where the paper-size forward runs ~1.4×
-        faster; on the 90 real NP pairs of the bundled models the mean accuracy moved by < 0.15
-        points, single pairs by ~0.6 points on average (README, Benchmarks). ``"float32"``
+        faster (on CPUs without them, e.g. AMD Zen 3, it is ~1.35× slower); on the 90 real NP
+        pairs of the bundled models the mean accuracy moved by < 0.15 points, single pairs by ~0.6
+        points on average (README, Benchmarks). ``"float32"``
         restores exact float32 products. Train in float32.
 
         Args:

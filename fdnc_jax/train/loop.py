@@ -3,8 +3,9 @@
 It loads the source worms, builds the fixed validation set, resumes from ``workdir`` when a checkpoint
 exists, runs the jitted train step (batches simulated on device), validates every
 ``config.train.eval_every`` steps, halves the learning rate and restores the best weights after
-``plateau_patience`` validations without improvement (the original schedule), logs to
-``workdir/metrics.jsonl`` and saves orbax checkpoints.
+``plateau_patience`` validations without improvement (the original schedule; or follows a fixed
+cosine schedule with ``train.lr_schedule="cosine"``), logs to ``workdir/metrics.jsonl`` and saves
+orbax checkpoints.
 """
 
 from __future__ import annotations
@@ -363,6 +364,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(
             f"train.batch_size={tcfg.batch_size} must be divisible by the {n_dev} devices"
         )
+    lr_schedule = train_step_lib.learning_rate_schedule(
+        tcfg.learning_rate,
+        tcfg.get("lr_schedule", "plateau"),
+        tcfg.steps,
+        tcfg.get("warmup_steps", 0),
+    )
 
     sources = load_sources(config.data)
     real_pairs = sim_cfg.real_pair_fraction > 0
@@ -445,7 +452,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = jax.device_put(state, replicated)
     train_banks = [jax.device_put(b, replicated) for b in train_banks]
-    train_step = train_step_lib.make_train_step(model, tx, sim_cfg, tcfg.batch_size, batch_sharding)
+    train_step = train_step_lib.make_train_step(
+        model, tx, sim_cfg, tcfg.batch_size, batch_sharding, lr_schedule
+    )
     eval_step = train_step_lib.make_eval_step(model)
     root_key = jax.random.key(config.seed)
 
@@ -508,7 +517,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     run.update(best_accuracy=val[select_on], bad_evals=0)
                     best_state = jax.device_get(state)
                     save(ckpt.BEST, state, {"val_accuracy": val[select_on]})
-                else:
+                elif lr_schedule is None:  # The plateau rule; a fixed schedule needs none.
                     run["bad_evals"] += 1
                     if run["bad_evals"] >= tcfg.plateau_patience:
                         run["plateau_trials"] += 1

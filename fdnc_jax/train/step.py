@@ -51,13 +51,56 @@ class TrainState:
     nonfinite: jax.Array
 
 
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def learning_rate_schedule(
+    learning_rate: float, schedule: str = "plateau", steps: int = 0, warmup_steps: int = 0
+) -> optax.Schedule | None:
+    """The learning rate as a function of the training step, or None where the loop sets it.
+
+    Args:
+      learning_rate: the initial (``"plateau"``) or peak (``"cosine"``) learning rate.
+      schedule: ``"plateau"``: constant, lowered by the training loop on validation plateaus (the
+        paper's schedule); ``"cosine"``: linear warm-up over ``warmup_steps``, then a cosine decay
+        to zero at ``steps`` (for a fixed budget of steps, e.g. ``configs/small.py``).
+      steps: the step at which the cosine reaches zero (``"cosine"`` only; > warmup_steps).
+      warmup_steps: linear warm-up from zero (``"cosine"`` only; ≥ 0).
+
+    Returns:
+      None for ``"plateau"`` (the rate stays as injected), else an optax schedule (step → learning
+      rate) for ``make_train_step``.
+
+    Raises:
+      ValueError: unknown ``schedule``, or steps/warm-up that leave no decay.
+
+    Example:
+      >>> lr = learning_rate_schedule(1e-3, "cosine", steps=100, warmup_steps=10)
+      >>> [round(float(lr(s)), 6) for s in (0, 5, 10, 55, 100)]
+      [0.0, 0.0005, 0.001, 0.0005, 0.0]
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={schedule!r} must be one of {LR_SCHEDULES}")
+    if schedule == "plateau":
+        return None
+    if warmup_steps < 0 or steps <= warmup_steps:
+        raise ValueError(
+            f"train.lr_schedule='cosine' needs 0 ≤ train.warmup_steps ({warmup_steps}) < "
+            f"train.steps ({steps})"
+        )
+    if warmup_steps == 0:
+        return optax.cosine_decay_schedule(learning_rate, steps)
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, steps, 0.0)
+
+
 def make_optimizer(
     learning_rate: float, clip_norm: float, optimizer: str = "adam"
 ) -> optax.GradientTransformation:
     """Gradient-norm clipping + Adam/AdamW with the learning rate injected (settable on plateau).
 
     Args:
-      learning_rate: the initial learning rate.
+      learning_rate: the initial learning rate (a schedule, if any, is applied by
+        ``make_train_step``, so the state's structure never depends on it).
       clip_norm: the maximum global gradient norm.
       optimizer: "adam" or "adamw".
 
@@ -106,9 +149,14 @@ def with_learning_rate(state: TrainState, lr: float) -> TrainState:
       >>> round(learning_rate(with_learning_rate(state, 5e-4)), 6)
       0.0005
     """
-    hyper = dict(state.opt_state.hyperparams)
+    return dataclasses.replace(state, opt_state=_with_injected_rate(state.opt_state, lr))
+
+
+def _with_injected_rate(opt_state, lr):
+    """``opt_state`` (``make_optimizer``'s) with the injected learning rate set to ``lr``."""
+    hyper = dict(opt_state.hyperparams)
     hyper["learning_rate"] = jnp.asarray(lr, jnp.asarray(hyper["learning_rate"]).dtype)
-    return dataclasses.replace(state, opt_state=state.opt_state._replace(hyperparams=hyper))
+    return opt_state._replace(hyperparams=hyper)
 
 
 def init_state(model: Model, tx: optax.GradientTransformation) -> TrainState:
@@ -192,6 +240,7 @@ def make_train_step(
     sim_cfg: SimConfig,
     batch_size: int,
     batch_sharding: jax.sharding.Sharding | None = None,
+    lr_schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, SourceBank, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``train_step(state, sources, root_key) -> (state, metrics)``, jitted once.
 
@@ -205,6 +254,9 @@ def make_train_step(
       sim_cfg: the simulator settings (static).
       batch_size: B, pairs per step.
       batch_sharding: optional sharding of the batch over devices (data parallel).
+      lr_schedule: optional step → learning rate (``learning_rate_schedule``): each step first
+        sets the injected rate to ``lr_schedule(state.step)``; None keeps the injected rate (the
+        plateau rule changes it between steps).
 
     Returns:
       The jitted step; ``metrics`` holds scalar loss, nll, entropy, train_accuracy and grad_norm.
@@ -230,7 +282,10 @@ def make_train_step(
         (loss, (terms, log_probs)), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
             state.params, model, batch, dropout_key
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        opt_state = state.opt_state
+        if lr_schedule is not None:
+            opt_state = _with_injected_rate(opt_state, lr_schedule(state.step))
+        updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
