@@ -283,9 +283,8 @@ def test_cosine_schedule_follows_steps_and_resumes_exactly(tmp_path, monkeypatch
     from fdnc_jax.train import loop
     from fdnc_jax.train.step import learning_rate_schedule
 
-    # plateau_patience=1 would halve the rate at almost every validation under the plateau rule.
     config = tiny_config(
-        steps=12, eval_every=3, log_every=1, checkpoint_every=3, plateau_patience=1,
+        steps=12, eval_every=3, log_every=1, checkpoint_every=3,
         lr_schedule="cosine", warmup_steps=2, learning_rate=1e-3,
     )
     train_and_evaluate(config, tmp_path / "a")
@@ -311,6 +310,25 @@ def test_cosine_schedule_follows_steps_and_resumes_exactly(tmp_path, monkeypatch
     b = load_checkpoint(tmp_path / "b", which="latest")
     for x, y in zip(_params(a), _params(b), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("schedule, plateaus", [("plateau", True), ("cosine", False)])
+def test_plateau_rule_only_with_the_plateau_schedule(tmp_path, monkeypatch, schedule, plateaus):
+    from fdnc_jax.train import loop
+    from fdnc_jax.train import step as step_lib
+
+    # Validation never improves: with patience 1 the plateau rule fires at every validation after
+    # the first, unless the schedule turns it off.
+    flat = {"val_loss": 1.0, "accuracy": 0.5, "top5_accuracy": 0.5}
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: dict(flat))
+    decays = []
+    restore = step_lib.with_learning_rate
+    monkeypatch.setattr(
+        step_lib, "with_learning_rate", lambda s, lr: decays.append(lr) or restore(s, lr)
+    )
+    config = tiny_config(steps=6, eval_every=2, plateau_patience=1, lr_schedule=schedule)
+    train_and_evaluate(config, tmp_path)
+    assert bool(decays) == plateaus
 
 
 @pytest.mark.parametrize(
