@@ -40,6 +40,13 @@ def _params(model):
     return [np.asarray(x) for x in jax.tree.leaves(model.params)]
 
 
+def _assert_same_latest_params(workdir_a, workdir_b):
+    a = load_checkpoint(workdir_a, which="latest")
+    b = load_checkpoint(workdir_b, which="latest")
+    for x, y in zip(_params(a), _params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")
@@ -111,10 +118,7 @@ def test_kill_and_resume_is_exact(tmp_path):
         f.write(json.dumps({"step": 13, "loss": 1.0}) + "\n")
     config.train.steps = 20
     train_and_evaluate(config, tmp_path / "b")
-    a = load_checkpoint(tmp_path / "a", which="latest")
-    b = load_checkpoint(tmp_path / "b", which="latest")
-    for x, y in zip(_params(a), _params(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    _assert_same_latest_params(tmp_path / "a", tmp_path / "b")
     steps_b = [r["step"] for r in _records(tmp_path / "b")]
     assert steps_b == [r["step"] for r in _records(tmp_path / "a")] == [5, 10, 15, 20]
 
@@ -306,10 +310,7 @@ def test_cosine_schedule_follows_steps_and_resumes_exactly(tmp_path, monkeypatch
     assert 1 < stop < 12
     config.train.max_minutes = 0.0
     train_and_evaluate(config, tmp_path / "b")
-    a = load_checkpoint(tmp_path / "a", which="latest")
-    b = load_checkpoint(tmp_path / "b", which="latest")
-    for x, y in zip(_params(a), _params(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+    _assert_same_latest_params(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize("schedule, plateaus", [("plateau", True), ("cosine", False)])
