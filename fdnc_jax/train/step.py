@@ -63,7 +63,7 @@ def learning_rate_schedule(
       learning_rate: the initial (``"plateau"``) or peak (``"cosine"``) learning rate.
       schedule: ``"plateau"``: constant, lowered by the training loop on validation plateaus (the
         paper's schedule); ``"cosine"``: linear warm-up over ``warmup_steps``, then a cosine decay
-        to zero at ``steps`` (for a fixed budget of steps, e.g. ``configs/small.py``).
+        to zero at ``steps`` (for a fixed budget of steps; README, Training: measured on CPU).
       steps: the step at which the cosine reaches zero (``"cosine"`` only; > warmup_steps).
       warmup_steps: linear warm-up from zero (``"cosine"`` only; ≥ 0).
 
