@@ -34,7 +34,6 @@ def test_mirrored_negates_x_and_z_and_round_trips(np_rng):
     np.testing.assert_allclose(from_model_units(mirrored, center, True), xyz, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:xyz_um has .* duplicated")
 def _np_median_units(worm):
     """The conversion written with np.median, independent of fdnc_jax.worm's implementation."""
     px = worm.xyz_um.astype(np.float64) / 0.42
@@ -42,6 +41,7 @@ def _np_median_units(worm):
     return (xyz * ([-1.0, 1.0, -1.0] if worm.mirrored else 1.0)).astype(np.float32)
 
 
+@pytest.mark.filterwarnings("ignore:xyz_um has .* duplicated")
 def test_padded_model_units_equal_one_worm_at_a_time(np_rng):
     # Odd and even sizes (median of one vs two middle points), a worm filling the whole size,
     # mirrored worms and ties: exactly np.median's numbers, one worm at a time or padded, zeros
