@@ -2,7 +2,8 @@
 
 ``predict`` reports ``softmax(scores / T)`` (``Model.temperature``); the assignment does not depend
 on T. For every ordered pair of the lab's animals (4-way orientation search, positions only,
-Hungarian assignment), this collects the assigned probability and whether the name was right, then
+two-way scores as ``predict``'s default, ``--one_way`` the forward ones alone; Hungarian
+assignment), this collects the assigned probability and whether the name was right, then
 prints the expected calibration error (``evaluate.calibration_bins``, 10 bins) for a grid of T:
 on all pairs, and cross-validated over animals — T chosen on the pairs among half of the animals,
 ECE measured on the pairs among the other half (``--folds`` random halvings, both directions).
@@ -32,13 +33,15 @@ predict_mod = importlib.import_module("fdnc_jax.predict")
 GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 
 
-def pair_records(model: fd.Model, worms: list[fd.Worm]) -> list[tuple]:
+def pair_records(model: fd.Model, worms: list[fd.Worm], two_way: bool = True) -> list[tuple]:
     """(template index, test index, scores [M, N], assignment [M], correct [M], counted [M])."""
     signs = predict_mod.orientation_hypotheses(model, "auto")
     records = []
     for ti, template in enumerate(worms):
         tests = [(si, w) for si, w in enumerate(worms) if si != ti]
-        log_probs, _ = predict_mod._log_probs(model, template, [w for _, w in tests], signs)
+        log_probs, _ = predict_mod._log_probs(
+            model, template, [w for _, w in tests], signs, two_way=two_way
+        )
         for (si, test), lp in zip(tests, log_probs, strict=True):
             a = matching.match(lp).assignment
             counted = countable(template, test)
@@ -65,6 +68,9 @@ def main() -> None:
     parser.add_argument("--lab", default="NP")
     parser.add_argument("--weights", default="default", help="bundled name or weights .npz")
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument(
+        "--one_way", action="store_true", help="the forward scores alone (predict two_way=False)"
+    )
     args = parser.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,8 +82,10 @@ def main() -> None:
         model = fd.load_checkpoint(args.weights)
     else:
         model = fd.load_pretrained(args.weights)
-    records = pair_records(model.with_temperature(1.0), worms)
-    print(f"{args.weights}: {len(records)} ordered pairs of {len(worms)} {args.lab} animals")
+    records = pair_records(model.with_temperature(1.0), worms, two_way=not args.one_way)
+    scores = "forward" if args.one_way else "two-way"
+    print(f"{args.weights}: {len(records)} ordered pairs of {len(worms)} {args.lab} animals, "
+          f"{scores} scores; shipped T={model.temperature:g}: ECE {ece(records, model.temperature):.3f}")
     print("ECE by T, all pairs: " + ", ".join(f"{t:g}: {ece(records, t):.3f}" for t in GRID))
     rng = np.random.default_rng(0)
     for _ in range(args.folds):

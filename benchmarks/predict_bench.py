@@ -3,7 +3,8 @@
 Both sides run the same trained network: the bundled paper-size ``"default"`` weights (6 layers,
 d 128, 8 heads, ff 2048, canonical pose) loaded into the PyTorch original architecture too
 (``torch_reference.from_fdnc``; the two agree to ~1e-4 in log-probability, printed), one
-orientation (``orientation="fixed"``: the canonical pose, computed in torch for the torch side),
+orientation (``orientation="fixed"``: the canonical pose, computed in torch for the torch side)
+and one direction (``two_way=False``: the original's forward scores, one forward per volume),
 and the same number of CPU threads (``torch.set_num_threads(n)``; XLA's CPU client sizes its
 intra-op pool to the cores this process may use, printed below). Trained weights matter for the
 Hungarian step: a random network's near-uniform scores make it ~15x slower than real ones.
@@ -11,7 +12,7 @@ Hungarian step: a random network's near-uniform scores make it ~15x slower than 
 1. Single pair, end to end: two worm files (the bundled demo pair saved as .npz, 194 neurons each)
    are loaded from disk, normalised, matched by the network, and assigned one-to-one by scipy's
    Hungarian. JAX: exactly ``fdnc_jax.load_worm`` ×2 + ``fdnc_jax.predict(model, t, s,
-   orientation="fixed")``. Torch: the same loading and normalisation
+   orientation="fixed", two_way=False)``. Torch: the same loading and normalisation
    (``fdnc_jax.worm.to_model_units``), canonical pose and the forward in
    ``torch.inference_mode()`` on the unpadded clouds, then the same host matching
    (``fdnc_jax.matching.match``: Hungarian, softmax, top-5). Position only (no color term) on both
@@ -154,10 +155,11 @@ def accelerator_sweep(model, template, worms) -> None:
     for chunk in SWEEP_CHUNKS:
         predict_mod.BATCH_CHUNK = chunk
         print(f"  chunk {chunk:>5}:" + "".join(
-            rate(s, orientation="fixed") for s in matching.DEVICE_SOLVERS), flush=True)
+            rate(s, orientation="fixed", two_way=False) for s in matching.DEVICE_SOLVERS), flush=True)
     predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget = defaults
     auto = worms[:AUTO_VOLUMES]
-    print(f"  default chunk, orientation='auto' (4 flips, both directions, chosen on the device), "
+    print(f"  default chunk, orientation='auto' (4 flips, both directions, chosen on the device; "
+          f"two-way scores), "
           f"{len(auto)} volumes:" + "".join(rate(s, auto) for s in matching.DEVICE_SOLVERS),
           flush=True)
 
@@ -198,13 +200,13 @@ def main() -> None:
 
         def jax_pair():
             t, s = fd.load_worm(t_path), fd.load_worm(s_path)
-            return fd.predict(model, t, s, use_color=False, orientation="fixed")
+            return fd.predict(model, t, s, use_color=False, orientation="fixed", two_way=False)
 
         model_bf16 = model.with_matmul_dtype("bfloat16")
 
         def jax_pair_bf16():
             t, s = fd.load_worm(t_path), fd.load_worm(s_path)
-            return fd.predict(model_bf16, t, s, use_color=False, orientation="fixed")
+            return fd.predict(model_bf16, t, s, use_color=False, orientation="fixed", two_way=False)
 
         def torch_pair():
             t, s = fd.load_worm(t_path), fd.load_worm(s_path)
@@ -284,7 +286,7 @@ def main() -> None:
             torch_sync()
 
         pb = throughput(lambda tests=tests: fd.predict_batch(
-            model, b_template, tests, use_color=False, orientation="fixed"), b)
+            model, b_template, tests, use_color=False, orientation="fixed", two_way=False), b)
         s_signs = np.ones((b, 3), np.float32)  # The one (identity) orientation hypothesis.
         raw = throughput(lambda s_xyz=s_xyz, s_mask=s_mask, s_signs=s_signs: forward(
             model.params, t_xyz, t_mask, s_xyz, s_mask, None, None, s_signs).block_until_ready(), b)
@@ -294,7 +296,8 @@ def main() -> None:
         note = ""
         if ON_GPU and b <= 1024:  # predict_batch matches on the device there; time the host too.
             note = "   (match_on='host': {:.1f})".format(throughput(lambda tests=tests: fd.predict_batch(
-                model, b_template, tests, use_color=False, orientation="fixed", match_on="host"), b))
+                model, b_template, tests, use_color=False, orientation="fixed", two_way=False,
+                match_on="host"), b))
         print(f"{b:>6} {pb:>14.1f} {raw:>12.1f} {raw_bf16:>13.1f} {tf:>14.1f} {raw / tf:>9.2f}x "
               f"{pb / tf:>9.2f}x" + note, flush=True)
     if ON_GPU:

@@ -6,6 +6,8 @@ row is already log-softmaxed over the N+1 columns (padded template columns hold 
 very negative number). Inference, following the reference code of Yu et al. (eLife 2021):
 
 1. ``L = log_probs[:, :N]`` (the outlier column is dropped);
+   With two-way scores (``predict``'s default) ``L`` is instead the mean of the two directions'
+   log-probs, ``(log_probs[:, :N] + reverse[:, :M]ᵀ) / 2`` (:func:`two_way_log_probs`);
 2. optionally ``L + color_weight * C`` with ``C`` the negative KL divergence between the
    normalised colors of test neuron i and template neuron j (:func:`color_log_likelihood`);
 3. a one-to-one assignment maximising the summed score (Hungarian algorithm);
@@ -48,6 +50,7 @@ __all__ = [
     "match_batch_device",
     "match_scores",
     "normalize_color",
+    "two_way_log_probs",
 ]
 
 DEFAULT_COLOR_WEIGHT = 60.0
@@ -463,6 +466,41 @@ def match(
         candidate_probs=candidate_probs,
         outlier_probability=outlier,
     )
+
+
+def two_way_log_probs(forward, reverse):
+    """Two-way scores in the layout of ``forward``: the mean of both directions' log-probs.
+
+    ``forward`` scores each test neuron's row over the template's neurons, ``reverse`` (the same
+    pair matched the other way: the test as template) each template neuron's row over the test's.
+    Their mean, log √(P(j | i) · P(i | j)), rewards pairs that both directions pick; its scale is
+    one direction's, so the color weight and the model's temperature keep their meaning. The
+    outlier column stays the forward one. Host (numpy) and device (jax) arrays alike, any leading
+    batch axes; padded cells stay very negative when the inputs mark them so.
+
+    Args:
+      forward: [..., M, N + 1] log-probs, test rows (last column: outlier).
+      reverse: [..., N, M + 1] log-probs, template rows.
+
+    Returns:
+      [..., M, N + 1]: ``(forward[..., :N] + reverse[..., :M]ᵀ) / 2``, then ``forward``'s outlier
+      column.
+
+    Example:
+      >>> f = np.log([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1]])  # [M=2, N+1=3]: both rows prefer 0
+      >>> r = np.log([[0.2, 0.7, 0.1], [0.8, 0.1, 0.1]])  # [N=2, M+1=3]
+      >>> two_way_log_probs(f, r).argmax(axis=1).tolist()  # test 0 → template 1 both ways
+      [1, 0]
+    """
+    m, n = reverse.shape[-1] - 1, forward.shape[-1] - 1
+    if forward.shape[-2] != m or reverse.shape[-2] != n:
+        raise ValueError(
+            f"reverse {tuple(reverse.shape)} does not match forward {tuple(forward.shape)}: "
+            "expected [..., N, M + 1] for forward [..., M, N + 1]"
+        )
+    xp = jnp if isinstance(forward, jax.Array) else np
+    both = 0.5 * (forward[..., :n] + xp.swapaxes(reverse[..., :m], -1, -2))  # [..., M, N]
+    return xp.concatenate([both, forward[..., n:]], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ def test_help_lists_flags():
         "--matmul_dtype",
         "--recording",
         "--reference_volume",
+        "--[no]two_way",
     ):
         assert flag in out.stdout, f"{flag} missing from --help"
 
@@ -65,6 +66,9 @@ def test_demo_runs():
     assert fast.returncode == 0, fast.stderr
     # bfloat16 products move single names (on 90 real pairs: mean |change| 0.6 points, max 5).
     assert abs(int(fast.stdout.split("accuracy ")[1].split("/")[0]) - correct) <= 15
+    one_way = run_predict("--demo", "--notwo_way")  # the original's forward scores
+    assert one_way.returncode == 0, one_way.stderr
+    assert abs(int(one_way.stdout.split("accuracy ")[1].split("/")[0]) - correct) <= 15
     out = run_predict("--demo", "--weights=nope")
     assert out.returncode == 2 and "no bundled weights named 'nope'" in out.stderr
 

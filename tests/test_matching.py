@@ -457,3 +457,27 @@ def test_temperature_scales_probabilities_only(temperature):
     )
     with pytest.raises(ValueError, match="temperature"):
         mt.match_batch_device(lp[None], np.ones((1, 8), bool), np.ones((1, 7), bool), temperature=0)
+
+
+def test_two_way_log_probs_hand_computed_batched_and_on_device():
+    """(forward[:, :N] + reverse[:, :M]ᵀ) / 2 with forward's outlier column: numpy and jax alike,
+    with leading batch axes; shapes that do not pair up raise."""
+    rng = np.random.default_rng(7)
+    m, n = 4, 6
+    forward = log_softmax(rng.normal(size=(2, m, n + 1)), axis=-1)  # [B, M, N + 1]
+    reverse = log_softmax(rng.normal(size=(2, n, m + 1)), axis=-1)  # [B, N, M + 1]
+    got = mt.two_way_log_probs(forward, reverse)
+    assert got.shape == (2, m, n + 1)
+    for b in range(2):
+        for i in range(m):
+            for j in range(n):
+                assert got[b, i, j] == pytest.approx(0.5 * (forward[b, i, j] + reverse[b, j, i]))
+    np.testing.assert_array_equal(got[..., -1], forward[..., -1])
+    on_device = mt.two_way_log_probs(jnp.asarray(forward), jnp.asarray(reverse))
+    assert isinstance(on_device, jax.Array)
+    np.testing.assert_allclose(np.asarray(on_device), got, atol=1e-6)
+    np.testing.assert_allclose(mt.two_way_log_probs(forward[0], reverse[0]), got[0])
+    with pytest.raises(ValueError, match="does not match forward"):
+        mt.two_way_log_probs(forward, reverse[:, :, :-1])
+    with pytest.raises(ValueError, match="does not match forward"):
+        mt.two_way_log_probs(forward, np.swapaxes(forward, -1, -2))

@@ -211,17 +211,20 @@ def test_cpu_chunk_limit():
     assert predict_mod._chunk_size(40, 32) == 32
 
 
-def test_compiles_once_per_bucket():
-    model = Model.create(TINY, seed=1)  # A fresh model: its own compilation cache.
+@pytest.mark.parametrize("two_way", [False, True])
+def test_compiles_once_per_bucket(two_way):
+    """One executable per bucket and direction: the forward, and with two-way scores the reverse
+    (its template side batched per test)."""
+    model = Model.create(TINY, seed=1 + two_way)  # A fresh model: its own compilation cache.
     template = cloud(50, 20)
     size = predict_mod.bucket_size(50)
-    fd.predict(model, template, cloud(50, 21))
+    fd.predict(model, template, cloud(50, 21), two_way=two_way)
     count = predict_mod.compile_count(model)
-    assert count == 1
-    fd.predict(model, template, cloud(size - 1, 22))  # Same bucket: no new executable.
+    assert count == 1 + two_way
+    fd.predict(model, template, cloud(size - 1, 22), two_way=two_way)  # Same bucket: none new.
     assert predict_mod.compile_count(model) == count
-    fd.predict(model, template, cloud(size + 1, 23))  # Next bucket: exactly one more.
-    assert predict_mod.compile_count(model) == count + 1
+    fd.predict(model, template, cloud(size + 1, 23), two_way=two_way)  # Next bucket: one more each.
+    assert predict_mod.compile_count(model) == 2 * count
 
 
 def test_template_without_names(model):
@@ -449,11 +452,15 @@ def test_duplicate_template_names_rejected(model):
         fd.predict(model, template, cloud(20, 91))
 
 
-def test_ensemble_of_one_template_twice_equals_single(model):
+@pytest.mark.parametrize("two_way", [False, True])
+def test_ensemble_of_one_template_twice_equals_single(model, two_way):
     template, test = fd.load_demo_pair()
     named = template.subset(np.flatnonzero(template.labelled))  # votes are over names only
-    single = fd.predict(model, named, test, use_color=False)
-    ens = fd.predict(model, [named, named], test, use_color=False)
+    # Fewer test neurons than names: every row is assigned, so the ensemble's renormalised rows
+    # (a constant per row) cannot change which rows the one-to-one assignment leaves out.
+    test = test.subset(np.arange(named.n - 5))
+    single = fd.predict(model, named, test, use_color=False, two_way=two_way)
+    ens = fd.predict(model, [named, named], test, use_color=False, two_way=two_way)
     np.testing.assert_array_equal(ens.template_names, np.sort(named.names))
     np.testing.assert_array_equal(ens.labels, single.labels)
     np.testing.assert_allclose(ens.probability, single.probability, atol=1e-5)
@@ -516,15 +523,23 @@ def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
         np.testing.assert_array_equal(pred.orientation, [1.0, 1.0, 1.0])
 
 
-@pytest.mark.parametrize("solver", ["hungarian", "auction"])
-@pytest.mark.parametrize("use_color", [False, True])
-def test_device_matching_agrees_with_host(demo, use_color, solver):
+@pytest.mark.parametrize(
+    "solver,use_color,two_way",
+    [
+        ("hungarian", False, True),
+        ("auction", False, True),
+        ("hungarian", True, True),
+        ("auction", True, True),
+        ("hungarian", False, False),
+    ],
+)
+def test_device_matching_agrees_with_host(demo, use_color, solver, two_way):
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
     template, test = demo
     rng = np.random.default_rng(0)
     template = template.subset(np.arange(120))  # Smaller than the first test: rows left over.
     tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
-    kwargs = dict(use_color=use_color, top_k=3, min_probability=0.3)
+    kwargs = dict(use_color=use_color, top_k=3, min_probability=0.3, two_way=two_way)
     host = fd.predict_batch(model, template, tests, match_on="host", **kwargs)
     device = fd.predict_batch(
         model, template, tests, match_on="device", device_solver=solver, **kwargs
@@ -542,6 +557,36 @@ def test_device_matching_agrees_with_host(demo, use_color, solver):
         np.testing.assert_array_equal(d.labels[same], h.labels[same])
         assert ((d.assignment >= 0) <= (d.probability >= 0.3)).all()  # min_probability applied
         assert d.candidates.dtype == h.candidates.dtype == np.int64
+
+
+@pytest.mark.parametrize("orientation_mode", ["fixed", "auto"])
+def test_two_way_scores_are_the_mean_of_both_directions(demo, orientation_mode):
+    """predict's default scores are matching.two_way_log_probs of the kept hypothesis' forward and
+    reverse log-probs (with "fixed", the reverse runs for the two-way scores alone);
+    two_way=False matches on the forward log-probs, as the original."""
+    model = fd.load_pretrained("small")
+    template, test = demo
+    tests = [test, test.subset(np.random.default_rng(5).permutation(test.n)[:150])]
+    signs = predict_mod.orientation_hypotheses(model, orientation_mode)
+    forward = predict_mod._hypothesis_log_probs(model, template, tests, signs)
+    reverse = predict_mod._reverse_log_probs(model, template, tests, signs)
+    kwargs = dict(use_color=False, top_k=3, orientation=orientation_mode, match_on="host")
+    both = fd.predict_batch(model, template, tests, **kwargs)
+    one = fd.predict_batch(model, template, tests, two_way=False, **kwargs)
+    for i, (b, o) in enumerate(zip(both, one, strict=True)):
+        h = int(np.flatnonzero((signs == b.orientation).all(axis=1))[0])
+        lp = fd.matching.two_way_log_probs(forward[i, h], reverse[i, h])
+        want = fd.matching.match(lp, top_k=3, temperature=model.temperature)
+        np.testing.assert_array_equal(b.assignment, want.assignment)
+        close(b.probability, want.probability, atol=1e-4)
+        close(b.outlier_probability, np.exp(forward[i, h][:, -1]), atol=1e-5)
+        want = fd.matching.match(forward[i, h], top_k=3, temperature=model.temperature)
+        np.testing.assert_array_equal(o.assignment, want.assignment)
+        assert (b.assignment != o.assignment).any()  # the reverse direction does change some
+    with pytest.raises(TypeError, match="two_way must be a bool"):
+        fd.predict(model, template, test, two_way="yes")
+    with pytest.raises(TypeError, match="two_way must be a bool"):
+        fd.predict(model, [template], test, two_way=None)
 
 
 def test_match_on_is_validated(model, demo):
@@ -622,10 +667,13 @@ def test_orientation_branch_and_bound_keeps_the_full_searchs_choice(demo, monkey
         return original(*args, items=items)
 
     monkeypatch.setattr(predict_mod, "_reverse_log_probs", counting)
-    chosen = predict_mod._choose_orientations(
+    chosen, kept_reverse = predict_mod._choose_orientations(
         model, template, tests, signs, forward, use_color, 60.0
     )
     np.testing.assert_array_equal(chosen, full)
+    assert sorted(kept_reverse) == [(i, h) for i, h in enumerate(full)]  # the kept ones' reverse
+    for item, lp in kept_reverse.items():  # other chunks than ``reverse``'s: float32 rounding
+        np.testing.assert_allclose(lp, reverse[item], atol=2e-4)
     if not use_color:  # positions alone: the search does keep different flips for these tests
         assert len(set(full)) > 1
     assert len(run) == len(set(run)) < len(tests) * len(signs)  # each at most once, some skipped
