@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 2e-4  # Adam learning rate (paper).
     config.train.clip_norm = 1.0  # Global gradient-norm clip (paper).
     config.train.optimizer = "adam"  # "adam" or "adamw".
+    # > 0: validate, keep as best and ship an exponential moving average of the weights (e.g.
+    # 0.999 ≈ the last 1,000 steps; kept in the optimizer state, so resumes and plateau restores
+    # carry it). 0: the weights themselves (paper).
+    config.train.ema_decay = 0.0
     config.train.log_every = 50  # Steps between training-metric logs.
     config.train.eval_every = 500  # Steps between validations (paper: 500).
     config.train.checkpoint_every = 500  # Steps between "latest" checkpoints.

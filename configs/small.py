@@ -27,6 +27,9 @@ def get_config():
     config.train.max_minutes = 30.0
     config.train.batch_size = 8  # More, noisier steps beat fewer: 65 vs 58 % after 8 min.
     config.train.learning_rate = 1e-3
+    # Validate and keep a moving average of the weights (~the last 1,000 steps): 91.4 % vs 86.7 %
+    # for the weights themselves after 30 minutes (README, Training).
+    config.train.ema_decay = 0.999
     config.train.log_every = 50
     config.train.eval_every = 500
     config.train.checkpoint_every = 500

@@ -249,6 +249,7 @@ def _restore_model(store: CheckpointStore, which: str):
         train.get("learning_rate", 2e-4),
         train.get("clip_norm", 1.0),
         train.get("optimizer", "adam"),
+        train.get("ema_decay", 0.0),
     )
     state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
     return chosen, model, state, meta
@@ -290,7 +291,9 @@ def load_checkpoint(path: PathLike, which: str = BEST) -> Model:
         "step": int(state.step),
         **{k: meta[k] for k in ("best_accuracy", "val_accuracy") if k in meta},
     }
-    return model.replace_params(state.params, info)
+    from fdnc_jax.train.step import eval_params
+
+    return model.replace_params(eval_params(state), info)
 
 
 def save_weights(model: Model, path: PathLike, dtype: str = "float32") -> None:

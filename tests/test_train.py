@@ -337,6 +337,8 @@ def test_plateau_rule_only_with_the_plateau_schedule(tmp_path, monkeypatch, sche
     [
         ({"lr_schedule": "linear"}, "lr_schedule='linear' must be one of"),
         ({"lr_schedule": "cosine", "steps": 5, "warmup_steps": 5}, "warmup_steps"),
+        ({"ema_decay": 1.0}, r"train.ema_decay=1.0 must be in \[0, 1\)"),
+        ({"ema_decay": -0.1}, "train.ema_decay"),
     ],
 )
 def test_bad_learning_rate_schedule_is_named(tmp_path, train, message):
@@ -396,3 +398,79 @@ def test_val_fraction_split_follows_split_seed_and_not_file_order():
         assert ids(val_reversed) == ids(val)  # independent of file order
         splits.add(tuple(ids(val)))
     assert len(splits) > 1  # the seed changes the split
+
+
+def test_params_ema_averages_the_weights_each_update_produces():
+    """params_ema: the warmed-up decay min(d, (1 + t) / (10 + t)) over params + updates, hand
+    computed; the updates pass unchanged; without ema_decay the optimizer state has no average."""
+    import jax.numpy as jnp
+    import optax
+
+    from fdnc_jax.train import step as step_lib
+
+    tx = optax.chain(optax.sgd(1.0), step_lib.params_ema(0.5))
+    params = {"w": jnp.array([0.0, 2.0])}
+    state = tx.init(params)
+    want = np.array([0.0, 2.0])
+    for t, g in enumerate([1.0, -2.0, 0.5]):
+        updates, state = tx.update({"w": jnp.full(2, g)}, state, params)
+        np.testing.assert_allclose(updates["w"], -g)  # sgd's step, passed on unchanged
+        params = optax.apply_updates(params, updates)
+        d = min(0.5, (1 + t) / (10 + t))
+        want = d * want + (1 - d) * np.asarray(params["w"])
+        np.testing.assert_allclose(state[1].ema["w"], want, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        step_lib.params_ema(0.5).update({"w": jnp.ones(2)}, state[1])
+    plain = step_lib.make_optimizer(1e-3, 1.0).init(params)
+    assert not any(isinstance(p, step_lib.ParamsEmaState) for p in plain.inner_state)
+
+
+def test_ema_weights_are_validated_saved_and_resumed_exactly(tmp_path, monkeypatch):
+    """With train.ema_decay the validated, best and loaded weights are the moving average (not the
+    last weights), and a run stopped by its budget and resumed ends with the same average."""
+    from fdnc_jax.train import loop
+    from fdnc_jax.train import step as step_lib
+
+    seen = []
+    evaluate = loop.evaluate
+
+    def recording(step, params, *args, **kwargs):
+        seen.append(params)
+        return evaluate(step, params, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", recording)
+    config = tiny_config(steps=12, eval_every=4, log_every=4, checkpoint_every=4, ema_decay=0.9)
+    model = train_and_evaluate(config, tmp_path / "a")
+    loaded = _params(load_checkpoint(tmp_path / "a", which="latest"))
+    store = loop.ckpt.CheckpointStore(tmp_path / "a")
+    try:
+        tx = step_lib.make_optimizer(1e-3, 1.0, "adam", 0.9)
+        state, _ = store.restore(
+            loop.ckpt.LATEST, loop.ckpt.abstract_of(step_lib.init_state(model, tx))
+        )
+    finally:
+        store.close()
+    ema, raw = step_lib.eval_params(state), state.params
+    assert ema is not raw
+    for e, w in zip(jax.tree.leaves(ema), loaded, strict=True):
+        np.testing.assert_array_equal(np.asarray(e), w)  # load_checkpoint gives the average
+    assert any(
+        not np.allclose(np.asarray(e), np.asarray(r))
+        for e, r in zip(jax.tree.leaves(ema), jax.tree.leaves(raw), strict=True)
+    )
+    last, last_raw = seen[-2:]  # the last validation: the final average, then the raw weights
+    for v, e in zip(jax.tree.leaves(last), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(e))
+    for v, r in zip(jax.tree.leaves(last_raw), jax.tree.leaves(raw), strict=True):
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(r))
+    evals = [r for r in _records(tmp_path / "a") if "accuracy" in r]
+    assert evals and all("raw_accuracy" in r for r in evals)  # logged beside the average's
+
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(loop, "_now", lambda: float(next(clock)))
+    config.train.max_minutes = 1.0
+    train_and_evaluate(config, tmp_path / "b")
+    assert 1 < _records(tmp_path / "b")[-1]["step"] < 12
+    config.train.max_minutes = 0.0
+    train_and_evaluate(config, tmp_path / "b")
+    _assert_same_latest_params(tmp_path / "a", tmp_path / "b")

@@ -370,6 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         tcfg.steps,
         tcfg.get("warmup_steps", 0),
     )
+    tx = train_step_lib.make_optimizer(  # checks train.ema_decay before any data is read
+        tcfg.learning_rate, tcfg.clip_norm, tcfg.optimizer, tcfg.get("ema_decay", 0.0)
+    )
 
     sources = load_sources(config.data)
     real_pairs = sim_cfg.real_pair_fraction > 0
@@ -420,7 +423,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
 
     model = initial_model(model_cfg, config.seed, tcfg.get("init_weights", "") or "")
-    tx = train_step_lib.make_optimizer(tcfg.learning_rate, tcfg.clip_norm, tcfg.optimizer)
     state = train_step_lib.init_state(model, tx)
     abstract = ckpt.abstract_of(state)
     store = ckpt.CheckpointStore(workdir)
@@ -506,9 +508,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     "elapsed_s": round(time.time() - t0, 2),
                 }
             if step % tcfg.eval_every == 0 or is_last:
-                val = evaluate(eval_step, state.params, val_batches)
+                params = train_step_lib.eval_params(state)  # the moving average, if kept
+                val = evaluate(eval_step, params, val_batches)
                 if real_val_batches:
-                    val.update(evaluate(eval_step, state.params, real_val_batches, "real_"))
+                    val.update(evaluate(eval_step, params, real_val_batches, "real_"))
+                if params is not state.params:  # what the average adds, for the record
+                    val.update(evaluate(eval_step, state.params, val_batches, "raw_"))
                 record = {
                     **(record or {"step": step, "elapsed_s": round(time.time() - t0, 2)}),
                     **val,
@@ -557,6 +562,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _best_model(model: Model, best_state, run: dict[str, Any]) -> Model:
     return model.replace_params(
-        jax.device_get(best_state.params),
+        jax.device_get(train_step_lib.eval_params(best_state)),
         {"step": int(best_state.step), "best_accuracy": run["best_accuracy"]},
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,54 @@ class TrainState:
 LR_SCHEDULES = ("plateau", "cosine")
 
 
+class ParamsEmaState(NamedTuple):
+    """State of ``params_ema``: updates applied so far ([] int32) and the average (params' tree)."""
+
+    count: jax.Array
+    ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """An exponential moving average of the parameters, kept in the optimizer state.
+
+    The last link of an optax chain: it passes the updates through unchanged and averages the
+    parameters they produce (``params + updates``) with a decay that warms up,
+    ``min(decay, (1 + t) / (10 + t))`` at update t (as TensorFlow's ExponentialMovingAverage with
+    ``num_updates``), so early averages follow the fast-moving weights. Keeping it in the optimizer
+    state means a step that is skipped (non-finite) or restored (plateau rule) skips or restores the
+    average with it, and checkpoints hold it.
+
+    Args:
+      decay: in (0, 1); e.g. 0.999 averages over ~1,000 recent steps.
+
+    Returns:
+      The transformation; ``eval_params(state)`` reads the average from a TrainState.
+
+    Example:
+      >>> tx = params_ema(0.5)
+      >>> state = tx.init({"w": jnp.zeros(())})
+      >>> _, state = tx.update({"w": jnp.ones(())}, state, {"w": jnp.zeros(())})
+      >>> float(state.ema["w"])  # decay min(0.5, 1/10) = 0.1 at the first update: 0.9 × 1
+      0.9
+    """
+
+    def init(params):
+        # Own buffers: a train step donates its state, and one buffer cannot be donated twice.
+        ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+        return ParamsEmaState(count=jnp.zeros((), jnp.int32), ema=ema)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the parameters: call update(updates, state, params)")
+        t = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        new = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, new)
+        return updates, ParamsEmaState(count=state.count + 1, ema=ema)
+
+    return optax.GradientTransformation(init, update)
+
+
 def learning_rate_schedule(
     learning_rate: float, schedule: str = "plateau", steps: int = 0, warmup_steps: int = 0
 ) -> optax.Schedule | None:
@@ -94,7 +142,7 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
-    learning_rate: float, clip_norm: float, optimizer: str = "adam"
+    learning_rate: float, clip_norm: float, optimizer: str = "adam", ema_decay: float = 0.0
 ) -> optax.GradientTransformation:
     """Gradient-norm clipping + Adam/AdamW with the learning rate injected (settable on plateau).
 
@@ -103,6 +151,9 @@ def make_optimizer(
         ``make_train_step``, so the state's structure never depends on it).
       clip_norm: the maximum global gradient norm.
       optimizer: "adam" or "adamw".
+      ema_decay: > 0: also keep an exponential moving average of the parameters
+        (``params_ema``), which validation, the best weights and ``load_checkpoint`` then use;
+        0: none (the state is as without this argument, so older checkpoints load).
 
     Returns:
       The optax transformation; its state carries ``hyperparams['learning_rate']``.
@@ -113,11 +164,30 @@ def make_optimizer(
       0.001
     """
 
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay={ema_decay} must be in [0, 1) (0: no average)")
+
     def build(learning_rate):
         opt = {"adam": optax.adam, "adamw": optax.adamw}[optimizer](learning_rate)
-        return optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+        links = [optax.clip_by_global_norm(clip_norm), opt]
+        return optax.chain(*links, *([params_ema(ema_decay)] if ema_decay > 0 else []))
 
     return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters to validate, save as best and load: the moving average of ``params_ema``
+    when the optimizer keeps one, else ``state.params``.
+
+    Example:
+      >>> from fdnc_jax.model.fdnc import ModelConfig
+      >>> model = Model.create(ModelConfig(width=8, layers=1, heads=2, ff_width=16))
+      >>> state = init_state(model, make_optimizer(1e-3, 1.0))
+      >>> eval_params(state) is state.params
+      True
+    """
+    found = [part for part in state.opt_state.inner_state if isinstance(part, ParamsEmaState)]
+    return found[0].ema if found else state.params
 
 
 def learning_rate(state: TrainState) -> float:
