@@ -186,6 +186,14 @@ def test_corrupt_checkpoint_names_path(tmp_path):
         load_checkpoint(ROOT / "configs")
 
 
+def test_resume_with_the_weight_average_switched_is_named(tmp_path):
+    train_and_evaluate(tiny_config(steps=5, eval_every=5, checkpoint_every=5), tmp_path)
+    with pytest.raises(ValueError, match=r"trained with train.ema_decay=0, this run has 0.99"):
+        train_and_evaluate(tiny_config(steps=10, ema_decay=0.99), tmp_path)
+    train_and_evaluate(tiny_config(steps=10), tmp_path)  # as it was trained: resumes
+    assert load_checkpoint(tmp_path, which="latest").info["step"] == 10
+
+
 def test_incompatible_config_on_resume(tmp_path):
     train_and_evaluate(tiny_config(steps=5, eval_every=5, checkpoint_every=5), tmp_path)
     config = tiny_config(steps=10)

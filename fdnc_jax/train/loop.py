@@ -428,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     store = ckpt.CheckpointStore(workdir)
     run = {"best_accuracy": -1.0, "bad_evals": 0, "plateau_trials": 0, "stopped_early": False}
     best_state = state
+    _check_resumable_ema(store, tcfg.get("ema_decay", 0.0))
     restored = store.restore(ckpt.LATEST, abstract)
     if restored is not None:
         state, meta = restored
@@ -558,6 +559,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if board is not None:
             board.close()
     return _best_model(model, best_state, run)
+
+
+def _check_resumable_ema(store: ckpt.CheckpointStore, ema_decay: float) -> None:
+    """ValueError when the workdir's latest checkpoint was written with another ``train.ema_decay``
+    on/off setting: the moving average is part of the optimizer state, so the two cannot resume
+    each other (a changed decay > 0 can)."""
+    meta = store.read_meta(ckpt.LATEST) if store.latest_step(ckpt.LATEST) is not None else None
+    if not meta or "config" not in meta:
+        return
+    saved = float(meta["config"].get("train", {}).get("ema_decay", 0.0))
+    if (saved > 0) != (ema_decay > 0):
+        raise ValueError(
+            f"{store.root / ckpt.LATEST} was trained with train.ema_decay={saved:g}, this run has "
+            f"{ema_decay:g}: the moving average lives in the optimizer state, so resume with "
+            f"--config.train.ema_decay={saved:g} (or start a new workdir)"
+        )
 
 
 def _best_model(model: Model, best_state, run: dict[str, Any]) -> Model:

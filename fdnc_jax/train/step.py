@@ -55,7 +55,13 @@ LR_SCHEDULES = ("plateau", "cosine")
 
 
 class ParamsEmaState(NamedTuple):
-    """State of ``params_ema``: updates applied so far ([] int32) and the average (params' tree)."""
+    """State of ``params_ema``: updates applied so far ([] int32) and the average (params' tree).
+
+    Example:
+      >>> state = params_ema(0.9).init({"w": jnp.ones(2)})
+      >>> int(state.count), state.ema["w"].tolist()
+      (0, [1.0, 1.0])
+    """
 
     count: jax.Array
     ema: Any
@@ -81,7 +87,7 @@ def params_ema(decay: float) -> optax.GradientTransformation:
       >>> tx = params_ema(0.5)
       >>> state = tx.init({"w": jnp.zeros(())})
       >>> _, state = tx.update({"w": jnp.ones(())}, state, {"w": jnp.zeros(())})
-      >>> float(state.ema["w"])  # decay min(0.5, 1/10) = 0.1 at the first update: 0.9 × 1
+      >>> round(float(state.ema["w"]), 6)  # decay min(0.5, 1/10) = 0.1 at update 0: 0.9 × 1
       0.9
     """
 
