@@ -232,7 +232,7 @@ def _checkpoint_root(path: Path) -> Path:
 def _restore_model(store: CheckpointStore, which: str):
     from fdnc_jax.train.step import (
         init_state,
-        make_optimizer,
+        optimizer_from_config,
     )  # Local: train imports the simulator.
 
     order = [which, LATEST if which == BEST else BEST]
@@ -244,13 +244,7 @@ def _restore_model(store: CheckpointStore, which: str):
     if not config or "model" not in config:
         raise CheckpointError(f"{store.root / chosen}: checkpoint metadata lacks the config")
     model = Model.create(ModelConfig.from_dict(config["model"]))
-    train = config.get("train", {})
-    tx = make_optimizer(
-        train.get("learning_rate", 2e-4),
-        train.get("clip_norm", 1.0),
-        train.get("optimizer", "adam"),
-        train.get("ema_decay", 0.0),
-    )
+    tx = optimizer_from_config(config.get("train", {}))
     state, meta = store.restore(chosen, abstract_of(init_state(model, tx)))
     return chosen, model, state, meta
 

@@ -594,8 +594,8 @@ def _choose_orientations(
         reverse = _reverse_log_probs(model, template, tests, signs, items=pending)
         for i, h in pending:
             keys[i, h] = reverse_key(sides[i][h], reverse[i, h], colors[i])
-            best = choose(i)
-            reverses[i] = reverse[i, best] if best == h else reverses[i]  # the best one's only
+            if choose(i) == h:  # a new best: keep its reverse log-probs only
+                reverses[i] = reverse[i, h]
         pending = [(i, h) for i, _ in pending if (h := next_hypothesis(i)) is not None]
 
     chosen = np.asarray([choose(i) for i in range(len(tests))], np.int64)

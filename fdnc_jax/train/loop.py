@@ -370,9 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         tcfg.steps,
         tcfg.get("warmup_steps", 0),
     )
-    tx = train_step_lib.make_optimizer(  # checks train.ema_decay before any data is read
-        tcfg.learning_rate, tcfg.clip_norm, tcfg.optimizer, tcfg.get("ema_decay", 0.0)
-    )
+    tx = train_step_lib.optimizer_from_config(tcfg)  # checks train.ema_decay before data is read
 
     sources = load_sources(config.data)
     real_pairs = sim_cfg.real_pair_fraction > 0
@@ -428,8 +426,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     store = ckpt.CheckpointStore(workdir)
     run = {"best_accuracy": -1.0, "bad_evals": 0, "plateau_trials": 0, "stopped_early": False}
     best_state = state
-    _check_resumable_ema(store, tcfg.get("ema_decay", 0.0))
-    restored = store.restore(ckpt.LATEST, abstract)
+    try:
+        restored = store.restore(ckpt.LATEST, abstract)
+    except ckpt.CheckpointError:
+        _check_resumable_ema(store, tcfg.get("ema_decay", 0.0))  # name the likely cause
+        raise
     if restored is not None:
         state, meta = restored
         run.update({k: meta[k] for k in run if k in meta})
@@ -562,9 +563,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 
 def _check_resumable_ema(store: ckpt.CheckpointStore, ema_decay: float) -> None:
-    """ValueError when the workdir's latest checkpoint was written with another ``train.ema_decay``
-    on/off setting: the moving average is part of the optimizer state, so the two cannot resume
-    each other (a changed decay > 0 can)."""
+    """ValueError when the workdir's latest checkpoint, which failed to restore, was written with
+    another ``train.ema_decay`` on/off setting: the moving average is part of the optimizer state,
+    so the two cannot resume each other (a changed decay > 0 can)."""
     meta = store.read_meta(ckpt.LATEST) if store.latest_step(ckpt.LATEST) is not None else None
     if not meta or "config" not in meta:
         return

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -179,6 +179,23 @@ def make_optimizer(
         return optax.chain(*links, *([params_ema(ema_decay)] if ema_decay > 0 else []))
 
     return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+def optimizer_from_config(train: Mapping[str, Any]) -> optax.GradientTransformation:
+    """``make_optimizer`` for a run's ``config.train`` (a ConfigDict or the dict a checkpoint
+    saved with it; fields absent from older checkpoints take their defaults).
+
+    Example:
+      >>> tx = optimizer_from_config({"learning_rate": 1e-3, "ema_decay": 0.9})
+      >>> round(float(tx.init({"w": jnp.zeros(2)}).hyperparams["learning_rate"]), 6)
+      0.001
+    """
+    return make_optimizer(
+        train.get("learning_rate", 2e-4),
+        train.get("clip_norm", 1.0),
+        train.get("optimizer", "adam"),
+        train.get("ema_decay", 0.0),
+    )
 
 
 def eval_params(state: TrainState) -> Any:
