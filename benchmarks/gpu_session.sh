@@ -10,6 +10,7 @@
 #   real   + real across-animal pairs (half of the pairs), best weights chosen on real NP pairs
 #   color  + NeuroPAL color as a network input
 #   dbias  canon + the distance-biased attention (model.distance_bias) of configs/small.py
+#   fast   dbias + a moving average of the weights (train.ema_decay 0.999), as configs/small.py
 #
 # Usage (repository root; data under $FDNC_SHARED/data/wormnd):
 #   FDNC_SHARED=... OUT=runs/gpu_session bash benchmarks/gpu_session.sh
@@ -22,7 +23,9 @@
 #   (1: the real and color variants start from the bundled "default" / "color" weights —
 #   train.init_weights — so a new session continues their training instead of starting over),
 #   SMOKE (0: skip the 10-step smoke run, e.g. in a second call on the same machine),
-#   PREDICT_ARGS (e.g. --accelerator_sweep_only: predict_bench's GPU sweep alone).
+#   PREDICT_ARGS (e.g. --accelerator_sweep_only: predict_bench's GPU sweep alone; add --quick for
+#   its default-solver rows only), BENCHES (which benchmarks BENCH=1 runs: default
+#   "simulate matching predict").
 # VARIANTS="" runs no training (benchmarks only). Two calls on one lease, e.g.:
 #   BENCH=0 VARIANTS="real color dbias" ...   then   VARIANTS="" BENCH_FIRST=1 SMOKE=0 ...
 # Results in $OUT: <variant>.npz (best weights), logs.tar.gz (metrics, logs), session.log.
@@ -44,6 +47,7 @@ SIMULATE_CAP=${SIMULATE_CAP:-90}
 MATCHING_CAP=${MATCHING_CAP:-120}
 SMOKE=${SMOKE:-1}
 PREDICT_ARGS=${PREDICT_ARGS:-}
+BENCHES=${BENCHES:-"simulate matching predict"}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -84,18 +88,22 @@ variant_flags() {
     real) echo "$canon $real $(shipped default)" ;;
     color) echo "$canon $real $color $(shipped color)" ;;
     dbias) echo "$canon --config.model.distance_bias=True" ;;
+    fast) echo "$canon --config.model.distance_bias=True --config.train.ema_decay=0.999" ;;
   esac
 }
 
 left() { echo $((DEADLINE - SECONDS)); }
+wanted() { [[ " $BENCHES " == *" $1 "* ]]; }
 predict_bench() {
   local cap=$1
+  wanted predict || return 0
   say "predict_bench (${cap}s at most)"
   # shellcheck disable=SC2086
   timeout "$cap" $PY benchmarks/predict_bench.py $PREDICT_ARGS > "$WORK/predict_bench.txt" 2>&1
   grep -v -i warning "$WORK/predict_bench.txt"
 }
 matching_bench() {
+  wanted matching || return 0
   say "matching_bench (${MATCHING_CAP}s at most)"
   timeout "$MATCHING_CAP" $PY benchmarks/matching_bench.py > "$WORK/matching_bench.txt" 2>&1
   grep -v -i warning "$WORK/matching_bench.txt"
@@ -139,7 +147,7 @@ print(f"steps {last['step']} in {last['elapsed_s']:.0f} s ({last['step'] / last[
 EOF
   done
 fi
-if [ "$BENCH" = 1 ] && [ "$(left)" -gt 30 ]; then
+if [ "$BENCH" = 1 ] && wanted simulate && [ "$(left)" -gt 30 ]; then
   say "simulate_bench (${SIMULATE_CAP}s at most)"
   timeout $(( $(left) < SIMULATE_CAP ? $(left) : SIMULATE_CAP )) $PY benchmarks/simulate_bench.py \
     > "$WORK/simulate_bench.txt" 2>&1

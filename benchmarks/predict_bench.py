@@ -41,6 +41,7 @@ Notes from profiling on this project's 2-core AVX-512/AMX Xeon:
 Run (needs the ``bench`` extra, ``pip install -e .[bench]``):
   python benchmarks/predict_bench.py
   python benchmarks/predict_bench.py --accelerator_sweep_only  # GPU: section 2's sweep alone
+  python benchmarks/predict_bench.py --accelerator_sweep_only --quick  # its default-solver rows
 The last line is ``predict single_pair_ms=<float> torch_ms=<float> speedup=<float>``.
 """
 
@@ -136,31 +137,39 @@ SWEEP_CHUNKS = (2048, 4096, 8192, 1024)  # the default first: a capped run keeps
 AUTO_VOLUMES = 4096  # the orientation="auto" rows (8 forwards per volume)
 
 
-def accelerator_sweep(model, template, worms) -> None:
+def accelerator_sweep(model, template, worms, quick: bool = False) -> None:
     """GPU only: ``predict_batch`` end to end by chunk size (``BATCH_CHUNK``; the memory bound
     lifted) and device matching solver (``device_solver``), and with the default orientation
-    search. The matching alone, by batch and solver: ``benchmarks/matching_bench.py``."""
+    search. The matching alone, by batch and solver: ``benchmarks/matching_bench.py``.
+
+    ``quick`` (``--quick``, for a short GPU lease): the default solver alone, chunks of 2,048 and
+    8,192, the largest also with bfloat16 matrix products (``Model.with_matmul_dtype``)."""
     n = len(worms)
+    solvers = (predict_mod.DEVICE_SOLVER,) if quick else matching.DEVICE_SOLVERS
     print(f"\npredict_batch end to end, {n} volumes, by chunk size and device solver (volumes/s)",
           flush=True)
     defaults = predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget
 
-    def rate(solver: str, tests=worms, **kwargs) -> str:
+    def rate(solver: str, tests=worms, model=model, **kwargs) -> str:
         try:
             return f"  {solver} {throughput(lambda: fd.predict_batch(model, template, tests, use_color=False, device_solver=solver, **kwargs), len(tests)):>9.1f}"  # noqa: E501
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: report and go on
             return f"  {solver} failed: {type(e).__name__}: {str(e)[:120]}"
 
     predict_mod._accelerator_budget = lambda: 64 << 30  # the chunk alone decides
-    for chunk in SWEEP_CHUNKS:
+    for chunk in (2048, 8192) if quick else SWEEP_CHUNKS:
         predict_mod.BATCH_CHUNK = chunk
         print(f"  chunk {chunk:>5}:" + "".join(
-            rate(s, orientation="fixed", two_way=False) for s in matching.DEVICE_SOLVERS), flush=True)
+            rate(s, orientation="fixed", two_way=False) for s in solvers), flush=True)
+    if quick:
+        fast = model.with_matmul_dtype("bfloat16")
+        print(f"  chunk {chunk:>5}, bfloat16 products:" + "".join(
+            rate(s, model=fast, orientation="fixed", two_way=False) for s in solvers), flush=True)
     predict_mod.BATCH_CHUNK, predict_mod._accelerator_budget = defaults
     auto = worms[:AUTO_VOLUMES]
     print(f"  default chunk, orientation='auto' (4 flips, both directions, chosen on the device; "
           f"two-way scores), "
-          f"{len(auto)} volumes:" + "".join(rate(s, auto) for s in matching.DEVICE_SOLVERS),
+          f"{len(auto)} volumes:" + "".join(rate(s, auto) for s in solvers),
           flush=True)
 
 
@@ -169,7 +178,7 @@ def sweep_only() -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}")
     template, worms = tracking_volumes(SWEEP_VOLUMES)
-    accelerator_sweep(fd.load_pretrained("default"), template, worms)
+    accelerator_sweep(fd.load_pretrained("default"), template, worms, "--quick" in sys.argv[1:])
 
 
 def main() -> None:
