@@ -35,10 +35,10 @@ from fdnc_jax.io import atomic_write
 from fdnc_jax.model.fdnc import Model
 from fdnc_jax.orientation import (
     RESIDUAL_UM,
-    assignment_residual,
+    assignment_residuals,
     cycle_key,
     device_one_to_one,
-    forward_side,
+    forward_assignment,
     orientation_hypotheses,
     reverse_key,
 )
@@ -534,10 +534,22 @@ def _device_orientations(
         collector("r", lambda i: template.n),
     )
 
+    items = list(found["f"])
+    residuals = dict(  # one vectorised fit for every (test, hypothesis)
+        zip(
+            items,
+            assignment_residuals(
+                [found["f"][item][0] for item in items],
+                [tests[i].xyz_um for i, _ in items],
+                template.xyz_um,
+            ),
+            strict=True,
+        )
+    )
+
     def key(i: int, h: int) -> tuple[float, float]:
         (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
-        residual = assignment_residual(a_f, tests[i].xyz_um, template.xyz_um)
-        return cycle_key(a_f, a_r, mean_f + mean_r, residual)
+        return cycle_key(a_f, a_r, mean_f + mean_r, residuals[i, h])
 
     return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
 
@@ -568,13 +580,17 @@ def _choose_orientations(
     if k == 1:
         return np.zeros((len(tests),), np.int64), {}
     colors = [_color_term(template, t, use_color, color_weight) for t in tests]
-    sides = _host_map(
-        lambda i: [
-            forward_side(forward[i, h], tests[i].xyz_um, template.xyz_um, colors[i])
-            for h in range(k)
-        ],
-        range(len(tests)),
+    items = [(i, h) for i in range(len(tests)) for h in range(k)]
+    assigned = _host_map(  # (assignment [M_i], mean score) per (test, hypothesis)
+        lambda item: forward_assignment(forward[item], colors[item[0]]), items
     )
+    residuals = assignment_residuals(  # one vectorised fit for all
+        [a_f for a_f, _ in assigned], [tests[i].xyz_um for i, _ in items], template.xyz_um
+    )
+    sides = [
+        [(*assigned[i * k + h], float(residuals[i * k + h])) for h in range(k)]
+        for i in range(len(tests))
+    ]
     keys: dict[tuple[int, int], tuple[float, float]] = {}
     reverses: dict[int, np.ndarray] = {}  # per test: the reverse log-probs of its best so far
 

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from fdnc_jax.geometry import robust_affine_residuals
+from fdnc_jax.geometry import (
+    batched_robust_affine_residuals,
+    masked_median,
+    robust_affine_residuals,
+)
 
 
 def _cloud(seed: int, k: int = 60) -> np.ndarray:
@@ -57,3 +61,40 @@ def test_bad_input_is_named(source, target, message):
 def test_iterations_must_be_positive():
     with pytest.raises(ValueError, match="iterations"):
         robust_affine_residuals(_cloud(3), _cloud(3), iterations=0)
+
+
+def _lstsq_irls(x: np.ndarray, y: np.ndarray, iterations: int = 5) -> np.ndarray:
+    """The robust fit written out with np.linalg.lstsq, one correspondence at a time."""
+    design = np.concatenate([x - x.mean(axis=0), np.ones((len(x), 1))], axis=1)
+    weights = np.ones(len(x))
+    for _ in range(iterations):
+        root = np.sqrt(weights)[:, None]
+        coef, *_ = np.linalg.lstsq(design * root, y * root, rcond=None)
+        residual = np.linalg.norm(design @ coef - y, axis=1)
+        scale = max(float(np.median(residual)), 1.0)
+        weights = 1.0 / (1.0 + (residual / scale) ** 2)
+    return residual
+
+
+def test_the_batched_fit_equals_each_correspondence_fitted_alone():
+    """Ragged correspondences (padding rows hold garbage) against the lstsq IRLS of each."""
+    rng = np.random.default_rng(4)
+    sizes = [60, 41, 17, 5, 4, 2]
+    x = rng.uniform(-40, 40, (len(sizes), 60, 3))
+    y = x * 1.05 + rng.normal(0, 2.0, x.shape)
+    y[:, ::5] = rng.uniform(-40, 40, y[:, ::5].shape)  # some wrong pairs
+    valid = np.arange(60)[None] < np.array(sizes)[:, None]
+    r = batched_robust_affine_residuals(x, y, valid)
+    for b, k in enumerate(sizes):
+        np.testing.assert_allclose(r[b, :k], _lstsq_irls(x[b, :k], y[b, :k]), atol=1e-8)
+        assert np.isnan(r[b, k:]).all()
+    assert np.nanmax(np.abs(r[-2:])) < 1e-8  # ≤ 4 pairs: an exact fit
+
+
+def test_masked_median_is_numpys_median_of_the_valid_entries():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(7, 9))
+    valid = np.arange(9)[None] < np.array([9, 8, 5, 2, 1, 3, 0])[:, None]
+    got = masked_median(values, valid)
+    want = [np.median(v[m]) if m.any() else 0.0 for v, m in zip(values, valid, strict=True)]
+    np.testing.assert_allclose(got, want)
