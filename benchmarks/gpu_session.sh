@@ -88,7 +88,7 @@ variant_flags() {
     real) echo "$canon $real $(shipped default)" ;;
     color) echo "$canon $real $color $(shipped color)" ;;
     dbias) echo "$canon --config.model.distance_bias=True" ;;
-    fast) echo "$canon --config.model.distance_bias=True --config.train.ema_decay=0.999" ;;
+    fast) echo "$canon --config.model.distance_bias=True --config.train.ema_decay=0.999" ;;  # configs/fast.py
   esac
 }
 
