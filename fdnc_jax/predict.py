@@ -811,13 +811,16 @@ def _device_predictions(
     preds: list[Prediction | None] = [None] * len(tests)
 
     def collect(part, out):  # runs while the device works on the next chunk
-        host = jax.device_get(out)
-        for j, (i, _) in enumerate(part):
-            h = 0 if chosen is None else int(chosen[i])
-            row = {key: value[j] for key, value in host.items()}
-            preds[i] = _device_prediction(
-                row, tests[i].n, template.names, signs[h], min_probability
-            )
+        kept = [0 if chosen is None else int(chosen[i]) for i, _ in part]
+        found = _device_chunk_predictions(
+            jax.device_get(out),
+            [tests[i].n for i, _ in part],
+            template.names,
+            signs[kept],
+            min_probability,
+        )
+        for (i, _), pred in zip(part, found, strict=True):
+            preds[i] = pred
 
     chunks = _forward_chunks(model, template, tests, signs, use_color, chosen)
     if two_way:
@@ -841,29 +844,45 @@ def _two_way_chunks(forward_chunks, reverse_chunks):
         yield part, inputs, _device_two_way(lp, r_lp)
 
 
-def _device_prediction(
-    row: dict[str, np.ndarray],
-    m: int,
+def _device_chunk_predictions(
+    host: dict[str, np.ndarray],
+    sizes: Sequence[int],
     names: np.ndarray,
-    orientation: np.ndarray,
+    orientations: np.ndarray,
     min_probability: float,
-) -> Prediction:
-    """The Prediction of one test from its padded ``match_batch_device`` results ``row``
-    (assignment [M_b], probability [M_b], candidates and candidate_probs [M_b, K],
-    outlier_probability [M_b]), its ``m`` neurons, the template ``names`` [N] and the kept
-    orientation [3]; ``min_probability`` turns weaker assignments into "no label"."""
-    assignment = row["assignment"][:m].astype(np.int64)
-    probability = row["probability"][:m].astype(np.float64)
+) -> list[Prediction]:
+    """The Predictions of a chunk's first ``len(sizes)`` rows from its padded
+    ``match_batch_device`` results ``host`` (assignment [b, M_b], probability [b, M_b],
+    candidates and candidate_probs [b, M_b, K], outlier_probability [b, M_b]): row j has
+    ``sizes[j]`` neurons and kept ``orientations[j]`` [3]; template ``names`` [N];
+    ``min_probability`` turns weaker assignments into "no label" (a chunk at a time)."""
+    b = len(sizes)
+    assignment = host["assignment"][:b]  # [b, M_b]
+    probability = host["probability"][:b]  # [b, M_b]
     low = (assignment >= 0) & (probability < min_probability)
-    assignment[low], probability[low] = matching.NO_LABEL, 0.0
-    result = matching.Matching(
-        assignment=assignment,
-        probability=probability,
-        candidates=row["candidates"][:m].astype(np.int64),
-        candidate_probs=row["candidate_probs"][:m].astype(np.float64),
-        outlier_probability=row["outlier_probability"][:m].astype(np.float64),
-    )
-    return _prediction_of(result, names, orientation)
+    if low.any():
+        assignment = np.where(low, matching.NO_LABEL, assignment)
+        probability = np.where(low, 0.0, probability)
+    padded_names = np.append(names, "")  # [N + 1]: index −1 is ''
+    orientations = np.asarray(orientations, np.float32)  # [b, 3]
+    # Per volume: small copies reuse freed memory, where converting the whole chunk at once
+    # page-faults tens of MB of fresh arrays (measured slower).
+    predictions = []
+    for j, m in enumerate(sizes):
+        a = assignment[j, :m].astype(np.int64)  # [m]
+        predictions.append(
+            Prediction(
+                assignment=a,
+                labels=padded_names[a],
+                probability=probability[j, :m].astype(np.float64),
+                candidates=host["candidates"][j, :m].astype(np.int64),
+                candidate_probs=host["candidate_probs"][j, :m].astype(np.float64),
+                outlier_probability=host["outlier_probability"][j, :m].astype(np.float64),
+                template_names=names,
+                orientation=orientations[j],
+            )
+        )
+    return predictions
 
 
 # Host matching (Hungarian, softmax, top-k) of many volumes runs in a thread pool: scipy's assignment
@@ -903,8 +922,9 @@ def _color_kwargs(template: Worm, test: Worm, use_color: bool, color_weight: flo
 
 
 def _labels_of(names: np.ndarray, assignment: np.ndarray) -> np.ndarray:
-    """[M] names of the assigned template neurons, '' where unassigned (−1)."""
-    return np.where(assignment >= 0, names[np.maximum(assignment, 0)], "")
+    """[...] names of the assigned template neurons (``assignment`` [...] indexes ``names`` [N]),
+    '' where unassigned (−1)."""
+    return np.append(names, "")[assignment]  # −1 picks the appended ''
 
 
 def _prediction(

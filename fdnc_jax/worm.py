@@ -376,7 +376,8 @@ def to_model_units(worm: Worm) -> tuple[np.ndarray, np.ndarray]:
 
 def to_model_units_padded(worms: Sequence[Worm], size: int) -> tuple[np.ndarray, np.ndarray]:
     """``to_model_units`` of many worms at once, padded: the same numbers, vectorised (one sort of
-    the batch instead of a median per worm: ~60 → ~10 µs per 150-neuron volume on a 2-core CPU).
+    the batch instead of a median per worm, in place: ~60 → ~9 µs per 150-neuron volume on a 2-core
+    CPU).
 
     Args:
       worms: B Worms of at most ``size`` neurons each.
@@ -403,11 +404,16 @@ def to_model_units_padded(worms: Sequence[Worm], size: int) -> tuple[np.ndarray,
     ordered = np.sort(px, axis=1)
     lo = np.take_along_axis(ordered, np.maximum(n - 1, 0)[:, None, None] // 2, axis=1)  # [B, 1, 3]
     hi = np.take_along_axis(ordered, n[:, None, None] // 2, axis=1)
+    del ordered
     mask = np.arange(size)[None, :] < n[:, None]  # [B, size]
-    xyz = np.where(mask[..., None], (px - (lo + hi) / 2) / MODEL_SCALE_PX, 0.0)
+    # In place, in to_model_units' order of operations (the same float64 numbers): the batch's
+    # arrays are MBs, and each fresh temporary costs its page faults.
+    px -= (lo + hi) / 2
+    px /= MODEL_SCALE_PX
     mirrored = np.array([w.mirrored for w in worms], bool)
-    xyz = np.where(mirrored[:, None, None], xyz * _MIRROR, xyz)
-    return xyz.astype(np.float32), mask
+    px *= np.where(mirrored[:, None], _MIRROR, 1.0)[:, None, :]  # [B, 1, 3] of ±1
+    px[~mask] = 0.0
+    return px.astype(np.float32), mask
 
 
 def from_model_units(xyz: Any, center_px: Any, mirrored: bool = False) -> np.ndarray:

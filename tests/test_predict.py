@@ -557,6 +557,8 @@ def test_device_matching_agrees_with_host(demo, use_color, solver, two_way):
         np.testing.assert_array_equal(d.labels[same], h.labels[same])
         assert ((d.assignment >= 0) <= (d.probability >= 0.3)).all()  # min_probability applied
         assert d.candidates.dtype == h.candidates.dtype == np.int64
+        assert d.assignment.dtype == np.int64 and d.probability.dtype == np.float64
+        assert (d.labels[d.assignment < 0] == "").all() and (d.labels[d.assignment >= 0] != "").all()
 
 
 @pytest.mark.parametrize("orientation_mode", ["fixed", "auto"])
