@@ -81,8 +81,8 @@ def batched_robust_affine_residuals(
       iterations: reweighting rounds (≥ 1).
 
     Returns:
-      [B, K] float64 residual distances (µm); NaN where not ``valid``. A correspondence of ≤ 4
-      pairs (or none) is fitted exactly (zeros).
+      [B, K] float64 residual distances (µm); NaN where not ``valid`` (a row without pairs is all
+      NaN). A correspondence of ≤ 4 pairs is fitted exactly (zeros).
 
     Example:
       >>> x = np.random.default_rng(0).uniform(0, 80, (2, 30, 3))  # [B=2, K=30, 3] µm
