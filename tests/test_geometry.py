@@ -98,3 +98,17 @@ def test_masked_median_is_numpys_median_of_the_valid_entries():
     got = masked_median(values, valid)
     want = [np.median(v[m]) if m.any() else 0.0 for v, m in zip(values, valid, strict=True)]
     np.testing.assert_allclose(got, want)
+
+
+def test_flat_and_collinear_clouds_fit_as_lstsq():
+    """A 2-D recording (all z equal) or collinear points make the normal equations singular: the
+    batched solve gives lstsq's minimum-norm fit, not a blow-up."""
+    rng = np.random.default_rng(6)
+    flat = rng.uniform(-40, 40, (50, 3))
+    flat[:, 2] = 3.0
+    line = flat.copy()
+    line[:, 1] = 2.0 * line[:, 0]
+    y = flat * 1.1 + rng.normal(0, 1.0, flat.shape)
+    y[:, 2] = 5.0
+    for x in (flat, line):
+        np.testing.assert_allclose(robust_affine_residuals(x, y), _lstsq_irls(x, y), atol=1e-8)
