@@ -11,6 +11,8 @@
 #   color  + NeuroPAL color as a network input
 #   dbias  canon + the distance-biased attention (model.distance_bias) of configs/small.py
 #   fast   dbias + a moving average of the weights (train.ema_decay 0.999), as configs/small.py
+#   fastreal / fastcolor  fast + real across-animal pairs (/ + color input): the candidates for the
+#          next shipped default / color models (from scratch: the distance bias changes the network)
 #
 # Usage (repository root; data under $FDNC_SHARED/data/wormnd):
 #   FDNC_SHARED=... OUT=runs/gpu_session bash benchmarks/gpu_session.sh
@@ -82,13 +84,16 @@ variant_flags() {
   local canon="--config.model.canonical_pose=True --config.model.dropout=0.0"
   local real="--config.sim.real_pair_fraction=0.5 --config.train.select_on=real_accuracy"
   local color="--config.model.color_features=3 --config.sim.color_neuron_jitter=0.3"
+  local fast="--config.model.distance_bias=True --config.train.ema_decay=0.999"
   case "$1" in
     paper) echo "" ;;
     canon) echo "$canon" ;;
     real) echo "$canon $real $(shipped default)" ;;
     color) echo "$canon $real $color $(shipped color)" ;;
     dbias) echo "$canon --config.model.distance_bias=True" ;;
-    fast) echo "$canon --config.model.distance_bias=True --config.train.ema_decay=0.999" ;;  # configs/fast.py
+    fast) echo "$canon $fast" ;;  # configs/fast.py
+    fastreal) echo "$canon $fast $real" ;;
+    fastcolor) echo "$canon $fast $real $color" ;;
   esac
 }
 
