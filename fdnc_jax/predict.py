@@ -534,24 +534,25 @@ def _device_orientations(
         collector("r", lambda i: template.n),
     )
 
-    items = list(found["f"])
-    residuals = dict(  # one vectorised fit for every (test, hypothesis)
-        zip(
-            items,
-            assignment_residuals(
-                [found["f"][item][0] for item in items],
-                [tests[i].xyz_um for i, _ in items],
-                template.xyz_um,
-            ),
-            strict=True,
-        )
-    )
+    residuals = _item_residuals({item: a_f for item, (a_f, _) in found["f"].items()}, template, tests)
 
     def key(i: int, h: int) -> tuple[float, float]:
         (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
         return cycle_key(a_f, a_r, mean_f + mean_r, residuals[i, h])
 
     return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
+
+
+def _item_residuals(
+    assignments: dict[tuple[int, int], np.ndarray], template: Worm, tests: Sequence[Worm]
+) -> dict[tuple[int, int], float]:
+    """The median affine residual (µm, ``orientation.assignment_residual``) of each forward
+    assignment [M_i] keyed (test index, hypothesis index), in one vectorised fit."""
+    items = list(assignments)
+    values = assignment_residuals(
+        [assignments[item] for item in items], [tests[i].xyz_um for i, _ in items], template.xyz_um
+    )
+    return dict(zip(items, values.tolist(), strict=True))
 
 
 def _choose_orientations(
@@ -581,16 +582,10 @@ def _choose_orientations(
         return np.zeros((len(tests),), np.int64), {}
     colors = [_color_term(template, t, use_color, color_weight) for t in tests]
     items = [(i, h) for i in range(len(tests)) for h in range(k)]
-    assigned = _host_map(  # (assignment [M_i], mean score) per (test, hypothesis)
-        lambda item: forward_assignment(forward[item], colors[item[0]]), items
-    )
-    residuals = assignment_residuals(  # one vectorised fit for all
-        [a_f for a_f, _ in assigned], [tests[i].xyz_um for i, _ in items], template.xyz_um
-    )
-    sides = [
-        [(*assigned[i * k + h], float(residuals[i * k + h])) for h in range(k)]
-        for i in range(len(tests))
-    ]
+    found = _host_map(lambda it: forward_assignment(forward[it], colors[it[0]]), items)
+    assigned = dict(zip(items, found, strict=True))  # (assignment [M_i], mean score) per item
+    residuals = _item_residuals({item: a_f for item, (a_f, _) in assigned.items()}, template, tests)
+    sides = [[(*assigned[i, h], residuals[i, h]) for h in range(k)] for i in range(len(tests))]
     keys: dict[tuple[int, int], tuple[float, float]] = {}
     reverses: dict[int, np.ndarray] = {}  # per test: the reverse log-probs of its best so far
 
@@ -863,17 +858,16 @@ def _device_chunk_predictions(
     if low.any():
         assignment = np.where(low, matching.NO_LABEL, assignment)
         probability = np.where(low, 0.0, probability)
-    padded_names = np.append(names, "")  # [N + 1]: index −1 is ''
+    labels = _labels_of(names, assignment)  # [b, M_b]
     orientations = np.asarray(orientations, np.float32)  # [b, 3]
     # Per volume: small copies reuse freed memory, where converting the whole chunk at once
     # page-faults tens of MB of fresh arrays (measured slower).
     predictions = []
     for j, m in enumerate(sizes):
-        a = assignment[j, :m].astype(np.int64)  # [m]
         predictions.append(
             Prediction(
-                assignment=a,
-                labels=padded_names[a],
+                assignment=assignment[j, :m].astype(np.int64),
+                labels=labels[j, :m],
                 probability=probability[j, :m].astype(np.float64),
                 candidates=host["candidates"][j, :m].astype(np.int64),
                 candidate_probs=host["candidate_probs"][j, :m].astype(np.float64),

@@ -176,7 +176,9 @@ def make_optimizer(
     def build(learning_rate):
         opt = {"adam": optax.adam, "adamw": optax.adamw}[optimizer](learning_rate)
         links = [optax.clip_by_global_norm(clip_norm), opt]
-        return optax.chain(*links, *([params_ema(ema_decay)] if ema_decay > 0 else []))
+        if ema_decay > 0:
+            links.append(params_ema(ema_decay))
+        return optax.chain(*links)
 
     return optax.inject_hyperparams(build)(learning_rate=learning_rate)
 
