@@ -423,9 +423,10 @@ def _reverse_chunks(
     signs: np.ndarray,
     color_term: bool = False,
     items: Sequence[tuple[int, int]] | None = None,
+    per_test: int = 1,
 ):
     """The reverse direction of every hypothesis h of every test i (or of the (i, h) ``items``
-    only): the template's neurons
+    only; ``per_test`` as ``_padded_tests``): the template's neurons
     matched to test i, test i as template and the template flipped by ``signs[h]`` — the same
     relative pose as hypothesis h (each flip is its own inverse). Batched: one forward call per
     chunk of (test, hypothesis) pairs, each with its own template (on an accelerator, one call per
@@ -444,7 +445,7 @@ def _reverse_chunks(
     forward = _compiled_forward(model)
     groups = _hypothesis_groups(tests, signs, items=items)
     for part, t_xyz, t_mask, t_color, b_signs in _padded_tests(
-        model, tests, groups, n_bucket, signs, with_color
+        model, tests, groups, n_bucket, signs, with_color, per_test
     ):
         b = len(t_xyz)
         batch = lambda x, b=b: None if x is None else np.broadcast_to(x, (b,) + x.shape)  # noqa: E731
@@ -481,7 +482,7 @@ def _unpadded_log_probs(chunks, rows_of, cols_of) -> dict[tuple[int, int], np.nd
     return found
 
 
-def _device_orientations(
+def _searched_chunks(
     model: Model,
     template: Worm,
     tests: Sequence[Worm],
@@ -489,58 +490,85 @@ def _device_orientations(
     solver: str,
     use_color: bool = False,
     color_weight: float = matching.DEFAULT_COLOR_WEIGHT,
-) -> np.ndarray:
-    """``_choose_orientations`` with the one-to-one assignments of both directions on the device
-    (``solver``: one of ``matching.DEVICE_SOLVERS``; with the color term when ``use_color``):
-    only the assignments and their mean scores come back, not the [M, N + 1] log-probs of every
-    hypothesis, and no host Hungarian runs (the affine residual of each assignment is a small
-    host fit). [B] kept hypothesis."""
-    found: dict[str, dict[tuple[int, int], tuple[np.ndarray, float]]] = {"f": {}, "r": {}}
+    two_way: bool = False,
+):
+    """The orientation search on the device, a chunk at a time, and each test's kept hypothesis.
 
-    def collector(direction: str, sizes):
-        def collect(part, out):
-            assignment, mean = jax.device_get(out)
-            for j, (i, h) in enumerate(part):
-                found[direction][i, h] = assignment[j, : sizes(i)], float(mean[j])
+    Every (test, hypothesis) pair runs in both directions (``_forward_chunks``,
+    ``_reverse_chunks``; chunks hold whole tests), and both directions' one-to-one assignments
+    (``device_one_to_one``, ``solver``, with the color term when ``use_color``) and mean scores
+    come back — not the log-probs. The host scores each hypothesis (``cycle_key`` with its affine
+    residual) and keeps the best per test (``orientation_key``, as ``_choose_orientations``);
+    the kept rows' log-probs (two-way with ``two_way``) are then gathered on the device from the
+    chunk's, so nothing runs twice. The host scores chunk c − 1 while the device runs chunk c.
 
-        return collect
-
-    def dispatch_forward(part, inputs, lp):
+    Yields ``(part, inputs, log_probs)`` per chunk as ``_forward_chunks`` does, for the kept
+    (test index, hypothesis index) items only: ``inputs`` (t_mask [N_b], s_mask [b', M_b],
+    t_color [N_b, 3], s_color [b', M_b, 3] or None), ``log_probs`` [b', M_b, N_b + 1] on the
+    device, b' a power of two (rows past ``part`` are padding, their mask all False).
+    """
+    k = len(signs)
+    forward = _forward_chunks(model, template, tests, signs, use_color, per_test=k)
+    reverse = _reverse_chunks(model, template, tests, signs, use_color, per_test=k)
+    pending = None
+    for part, inputs, (lp_f, lp_r) in _paired_chunks(forward, reverse):
         t_mask, s_mask, t_color, s_color = inputs
-        b = lp.shape[0]
-        t_mask = np.broadcast_to(t_mask, (b,) + t_mask.shape)
+        b = lp_f.shape[0]
+        t_mask_b = np.broadcast_to(t_mask, (b,) + t_mask.shape)
         colors = (
             (np.broadcast_to(t_color, (b,) + t_color.shape), s_color) if use_color else (None, None)
         )
-        return device_one_to_one(
-            lp, s_mask, t_mask, *colors, color_weight, solver=solver, transpose_color=False
+        searched = (
+            device_one_to_one(
+                lp_f, s_mask, t_mask_b, *colors, color_weight, solver=solver, transpose_color=False
+            ),
+            device_one_to_one(
+                lp_r, t_mask_b, s_mask, *colors, color_weight, solver=solver, transpose_color=True
+            ),
         )
+        if pending is not None:
+            yield _kept_chunk(*pending, template, tests, k, two_way)
+        pending = (part, inputs, lp_f, lp_r, searched)
+    if pending is not None:
+        yield _kept_chunk(*pending, template, tests, k, two_way)
 
-    def dispatch_reverse(part, inputs, lp):
-        row_mask, col_mask, row_color, col_color = inputs
-        colors = (row_color, col_color) if use_color else (None, None)
-        return device_one_to_one(
-            lp, row_mask, col_mask, *colors, color_weight, solver=solver, transpose_color=True
+
+@functools.partial(jax.jit, static_argnames="two_way")
+def _gathered_log_probs(lp_f, lp_r, rows, two_way: bool):
+    """[b', M_b, N_b + 1] the rows ``rows`` [b'] of a chunk's forward log-probs ``lp_f``
+    [b, M_b, N_b + 1], as two-way scores with its reverse ``lp_r`` [b, N_b, M_b + 1] when
+    ``two_way``."""
+    lp = lp_f[rows]
+    return matching.two_way_log_probs(lp, lp_r[rows]) if two_way else lp
+
+
+def _kept_chunk(part, inputs, lp_f, lp_r, searched, template, tests, k, two_way):
+    """A searched chunk's kept hypotheses (``_searched_chunks``): waits for its assignments,
+    scores every (test, hypothesis) row on the host, and gathers the kept rows on the device."""
+    (a_f, mean_f), (a_r, mean_r) = jax.device_get(searched)  # [b, M_b], [b], [b, N_b], [b]
+    residuals = _item_residuals(
+        {item: a_f[j, : tests[item[0]].n] for j, item in enumerate(part)}, template, tests
+    )
+    keys = [
+        cycle_key(
+            a_f[j, : tests[i].n], a_r[j, : template.n], mean_f[j] + mean_r[j], residuals[i, h]
         )
-
-    _pipelined(
-        _forward_chunks(model, template, tests, signs, use_color),
-        dispatch_forward,
-        collector("f", lambda i: tests[i].n),
-    )
-    _pipelined(
-        _reverse_chunks(model, template, tests, signs, use_color),
-        dispatch_reverse,
-        collector("r", lambda i: template.n),
-    )
-
-    residuals = _item_residuals({item: a_f for item, (a_f, _) in found["f"].items()}, template, tests)
-
-    def key(i: int, h: int) -> tuple[float, float]:
-        (a_f, mean_f), (a_r, mean_r) = found["f"][i, h], found["r"][i, h]
-        return cycle_key(a_f, a_r, mean_f + mean_r, residuals[i, h])
-
-    return np.asarray([max(range(len(signs)), key=lambda h: key(i, h)) for i in range(len(tests))])
+        for j, (i, h) in enumerate(part)
+    ]
+    # Rows k·t … k·t + k − 1 are test t's hypotheses in order (chunks hold whole tests); the first
+    # best key wins, as in max(range(k), key=...).
+    rows = [
+        start + max(range(k), key=lambda h: keys[start + h]) for start in range(0, len(part), k)
+    ]
+    b = 1 << max(len(rows) - 1, 0).bit_length()  # a power of two: few shapes to compile
+    padded = np.zeros((b,), np.int32)
+    padded[: len(rows)] = rows
+    t_mask, s_mask, t_color, s_color = inputs
+    s_mask = s_mask[padded]
+    s_mask[len(rows) :] = False
+    kept_inputs = (t_mask, s_mask, t_color, None if s_color is None else s_color[padded])
+    lp = _gathered_log_probs(lp_f, lp_r, padded, two_way)
+    return [part[r] for r in rows], kept_inputs, lp
 
 
 def _item_residuals(
@@ -631,10 +659,10 @@ def _forward_chunks(
     tests: Sequence[Worm],
     signs: np.ndarray,
     color_term: bool = False,
-    chosen: np.ndarray | None = None,
+    per_test: int = 1,
 ):
-    """The forward of every (test, hypothesis) pair (only hypothesis ``chosen[i]`` of test i when
-    given), batched per bucket and chunk.
+    """The forward of every (test, hypothesis) pair, batched per bucket and chunk (``per_test`` as
+    ``_padded_tests``).
 
     Yields ``(part, inputs, log_probs)`` per chunk: ``part`` the (test index, hypothesis index)
     of each row, ``inputs`` the padded host arrays (t_mask [N_b], s_mask [b, M_b], and the
@@ -645,11 +673,11 @@ def _forward_chunks(
     n_color = model.config.color_features
     with_color = bool(n_color) or color_term
     n_bucket = bucket_size(template.n, "template")
-    groups = _hypothesis_groups(tests, signs, chosen)
+    groups = _hypothesis_groups(tests, signs)
     t_xyz, t_mask, t_color = _model_inputs(template, n_bucket, with_color, "template")
     forward = _compiled_forward(model)
     for part, s_xyz, s_mask, s_color, s_signs in _padded_tests(
-        model, tests, groups, n_bucket, signs, with_color
+        model, tests, groups, n_bucket, signs, with_color, per_test
     ):
         colors = (t_color, s_color) if n_color else (None, None)  # network color input
         lp = forward(model.params, t_xyz, t_mask, s_xyz, s_mask, *colors, s_signs)
@@ -659,17 +687,12 @@ def _forward_chunks(
 def _hypothesis_groups(
     tests: Sequence[Worm],
     signs: np.ndarray,
-    chosen: np.ndarray | None = None,
     items: Sequence[tuple[int, int]] | None = None,
 ) -> dict[int, list[tuple[int, int]]]:
     """(test index, hypothesis index) items grouped by the tests' size bucket: every hypothesis of
-    ``signs`` [K, 3], only ``chosen[i]`` for test i, or exactly ``items``."""
+    ``signs`` [K, 3] (a test's together, in order), or exactly ``items``."""
     if items is None:
-        items = [
-            (i, h)
-            for i in range(len(tests))
-            for h in (range(len(signs)) if chosen is None else [int(chosen[i])])
-        ]
+        items = [(i, h) for i in range(len(tests)) for h in range(len(signs))]
     groups: dict[int, list[tuple[int, int]]] = {}
     for i, h in items:
         groups.setdefault(bucket_size(tests[i].n, f"test worm {i}"), []).append((i, h))
@@ -683,13 +706,16 @@ def _padded_tests(
     n_bucket: int,
     signs: np.ndarray,
     with_color: bool,
+    per_test: int = 1,
 ):
     """The test side of every chunk, per bucket M_b (the template padded to ``n_bucket``): yields
     ``(part, xyz [b, M_b, 3], mask [b, M_b], color [b, M_b, 3] or None, signs [b, 3])`` with
     ``b`` a power of two (``_chunk_size``; rows past ``part`` are padding). Positions are
-    normalised a chunk at a time (``to_model_units_padded``), colors once per test."""
+    normalised a chunk at a time (``to_model_units_padded``), colors once per test. Chunks hold
+    whole runs of ``per_test`` items (a test's hypotheses, listed together in ``groups``): their
+    limit is rounded up to a multiple of it."""
     for m_bucket, items in groups.items():
-        limit = _max_chunk(model, n_bucket, m_bucket)
+        limit = -(-_max_chunk(model, n_bucket, m_bucket) // per_test) * per_test
         colors: dict[int, np.ndarray] = {}  # per test, shared by its hypotheses
         for start in range(0, len(items), limit):
             part = items[start : start + limit]
@@ -774,14 +800,9 @@ def _device_predictions(
 ) -> list[Prediction]:
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
-    hypotheses the kept one is chosen first, also on the device (``_device_orientations``: both
-    directions' one-to-one assignments), then only it is matched (with the color term if asked;
-    ``two_way``: on the two-way scores, its reverse direction run again beside its forward)."""
-    chosen = None
-    if len(signs) > 1:
-        chosen = _device_orientations(
-            model, template, tests, signs, solver, use_color, color_weight
-        )
+    hypotheses the kept one is chosen first, also on the device (``_searched_chunks``: both
+    directions' one-to-one assignments), and its log-probs (two-way with ``two_way``), kept from
+    the search, are matched (with the color term if asked)."""
 
     def dispatch(part, inputs, lp):
         t_mask, s_mask, t_color, s_color = inputs
@@ -806,22 +827,25 @@ def _device_predictions(
     preds: list[Prediction | None] = [None] * len(tests)
 
     def collect(part, out):  # runs while the device works on the next chunk
-        kept = [0 if chosen is None else int(chosen[i]) for i, _ in part]
         found = _device_chunk_predictions(
             jax.device_get(out),
             [tests[i].n for i, _ in part],
             template.names,
-            signs[kept],
+            signs[[h for _, h in part]],
             min_probability,
         )
         for (i, _), pred in zip(part, found, strict=True):
             preds[i] = pred
 
-    chunks = _forward_chunks(model, template, tests, signs, use_color, chosen)
-    if two_way:
-        kept = [(i, 0 if chosen is None else int(chosen[i])) for i in range(len(tests))]
-        reverse = _reverse_chunks(model, template, tests, signs, use_color, items=kept)
-        chunks = _two_way_chunks(chunks, reverse)
+    if len(signs) > 1:
+        chunks = _searched_chunks(
+            model, template, tests, signs, solver, use_color, color_weight, two_way
+        )
+    else:
+        chunks = _forward_chunks(model, template, tests, signs, use_color)
+        if two_way:
+            reverse = _reverse_chunks(model, template, tests, signs, use_color)
+            chunks = _two_way_chunks(chunks, reverse)
     _pipelined(chunks, dispatch, collect)
     return preds
 
@@ -829,13 +853,20 @@ def _device_predictions(
 _device_two_way = jax.jit(matching.two_way_log_probs)
 
 
-def _two_way_chunks(forward_chunks, reverse_chunks):
-    """``_forward_chunks``' chunks with their log-probs [b, M_b, N_b + 1] replaced on the device by
-    the two-way scores (``matching.two_way_log_probs``) with the matching ``_reverse_chunks``
-    [b, N_b, M_b + 1] (the same items, hence the same chunks in the same order)."""
+def _paired_chunks(forward_chunks, reverse_chunks):
+    """``(part, inputs, (forward log-probs [b, M_b, N_b + 1], reverse [b, N_b, M_b + 1]))`` per
+    chunk of ``_forward_chunks`` and the matching ``_reverse_chunks`` (the same items, hence the
+    same chunks in the same order; ``inputs``: the forward chunk's)."""
     for (part, inputs, lp), (r_part, _, r_lp) in zip(forward_chunks, reverse_chunks, strict=True):
         if part != r_part:
             raise AssertionError(f"forward chunk {part} and reverse chunk {r_part} differ")
+        yield part, inputs, (lp, r_lp)
+
+
+def _two_way_chunks(forward_chunks, reverse_chunks):
+    """``_forward_chunks``' chunks with their log-probs replaced on the device by the two-way
+    scores (``matching.two_way_log_probs``) with the matching ``_reverse_chunks``'."""
+    for part, inputs, (lp, r_lp) in _paired_chunks(forward_chunks, reverse_chunks):
         yield part, inputs, _device_two_way(lp, r_lp)
 
 

@@ -496,21 +496,39 @@ def test_reverse_log_probs_batched_equal_one_test_at_a_time(demo, name):
 
 
 @pytest.mark.parametrize(
-    "solver,use_color", [("hungarian", False), ("auction", False), ("hungarian", True)]
+    "solver,use_color,chunk",
+    [("hungarian", False, None), ("auction", False, None), ("hungarian", True, 2)],
 )
-def test_device_orientation_choice_equals_host(demo, solver, use_color):
+def test_device_orientation_choice_equals_host(demo, monkeypatch, solver, use_color, chunk):
     """The orientation search with both directions' assignments on the device keeps the same
     hypothesis as on the host, for tests of several buckets (canonical-pose model, 4 flips), also
-    with the color term in the hypotheses' assignments."""
+    with the color term in the hypotheses' assignments; and the kept rows' two-way log-probs it
+    gathers from its chunks are the host's. ``chunk``: a forward call's limit of volumes, here
+    below the 4 hypotheses of a test (chunks still hold whole tests)."""
+    if chunk is not None:
+        monkeypatch.setattr(predict_mod, "_max_chunk", lambda *args: chunk)
     model = fd.load_pretrained("small")
     template, test = demo
     rng = np.random.default_rng(2)
     tests = [test, test.subset(rng.permutation(test.n)[:150]), test.subset(np.arange(60))]
     tests += [t.replace(xyz_um=t.xyz_um * np.array([-1.0, -1.0, 1.0])) for t in tests]  # turned
     signs = predict_mod.orientation_hypotheses(model, "auto")
-    host = predict_mod._log_probs(model, template, tests, signs, use_color)[1]
-    device = predict_mod._device_orientations(model, template, tests, signs, solver, use_color)
-    np.testing.assert_array_equal(device, host)
+    host_lp, host = predict_mod._log_probs(model, template, tests, signs, use_color, two_way=True)
+    chunks = predict_mod._searched_chunks(
+        model, template, tests, signs, solver, use_color, two_way=True
+    )
+    kept = {}
+    for part, (_, s_mask, _, _), lp in chunks:
+        lp = np.asarray(lp)  # [b', M_b, N_b + 1]
+        assert len(lp) >= len(part) and not s_mask[len(part) :].any()  # padding rows masked
+        for j, (i, h) in enumerate(part):
+            kept[i] = h
+            m = tests[i].n
+            assert s_mask[j, :m].all() and not s_mask[j, m:].any()
+            found = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
+            close(found, host_lp[i], atol=2e-4)
+    assert sorted(kept) == list(range(len(tests)))  # every test once
+    np.testing.assert_array_equal([kept[i] for i in range(len(tests))], host)
     assert len(set(host.tolist())) > 1  # the search does choose different flips here
 
 
@@ -533,7 +551,7 @@ def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
         ("hungarian", False, False),
     ],
 )
-def test_device_matching_agrees_with_host(demo, use_color, solver, two_way):
+def test_device_matching_agrees_with_host(demo, monkeypatch, use_color, solver, two_way):
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
     template, test = demo
     rng = np.random.default_rng(0)
@@ -544,9 +562,20 @@ def test_device_matching_agrees_with_host(demo, use_color, solver, two_way):
     tests = [test.subset(rng.permutation(test.n)[:m]) for m in sizes]
     kwargs = dict(use_color=use_color, top_k=3, min_probability=0.3, two_way=two_way)
     host = fd.predict_batch(model, template, tests, match_on="host", **kwargs)
+    forwarded = []  # (test, hypothesis) items of every forward call, either direction
+    padded_tests = predict_mod._padded_tests
+
+    def counting(*args):
+        for chunk in padded_tests(*args):
+            forwarded.extend(chunk[0])
+            yield chunk
+
+    monkeypatch.setattr(predict_mod, "_padded_tests", counting)
     device = fd.predict_batch(
         model, template, tests, match_on="device", device_solver=solver, **kwargs
     )
+    # The search runs each of the 4 hypotheses once per direction; the match reuses the kept ones.
+    assert sorted(forwarded) == sorted([(i, h) for i in range(3) for h in range(4)] * 2)
     for h, d in zip(host, device, strict=True):
         np.testing.assert_array_equal(d.orientation, h.orientation)
         same = d.assignment == h.assignment
@@ -561,7 +590,9 @@ def test_device_matching_agrees_with_host(demo, use_color, solver, two_way):
         assert ((d.assignment >= 0) <= (d.probability >= 0.3)).all()  # min_probability applied
         assert d.candidates.dtype == h.candidates.dtype == np.int64
         assert d.assignment.dtype == np.int64 and d.probability.dtype == np.float64
-        assert (d.labels[d.assignment < 0] == "").all() and (d.labels[d.assignment >= 0] != "").all()
+        assert (d.labels[d.assignment < 0] == "").all() and (
+            d.labels[d.assignment >= 0] != ""
+        ).all()
 
 
 @pytest.mark.parametrize("orientation_mode", ["fixed", "auto"])
