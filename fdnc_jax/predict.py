@@ -361,10 +361,7 @@ def _check_inputs(
         if not isinstance(t, Worm):
             raise TypeError(f"test worm {i} must be a Worm, got {type(t).__name__}")
     template.check_template()
-    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k <= 0 or top_k > template.n:
-        raise ValueError(f"top_k={top_k} must be between 1 and the template's {template.n} neurons")
+    _check_top_k(top_k, template.n, "the template's neurons")
     if not 0.0 <= float(min_probability) <= 1.0:
         raise ValueError(f"min_probability={min_probability} must be in [0, 1]")
     both_color = template.has_color and all(t.has_color for t in tests)
@@ -382,6 +379,14 @@ def _check_inputs(
     if model.uses_color and not both_color:
         raise ValueError("this model takes color as input: template and test worms need color")
     return bool(use_color)
+
+
+def _check_top_k(top_k: object, n: int, what: str) -> None:
+    """TypeError unless ``top_k`` is an int, ValueError unless 1 ≤ top_k ≤ n (``what``: n's)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k <= 0 or top_k > n:
+        raise ValueError(f"top_k={top_k} must be between 1 and the {n} {what}")
 
 
 def _max_chunk(model: Model, n_bucket: int, m_bucket: int) -> int:
@@ -1004,7 +1009,7 @@ def _matches_on_device(match_on: str, rows: int = 0) -> bool:
 
 def predict_batch(
     model: Model,
-    template: Worm,
+    template: Worm | Sequence[Worm],
     tests: Sequence[Worm],
     *,
     use_color: bool | None = None,
@@ -1020,7 +1025,9 @@ def predict_batch(
 
     Args:
       model: from ``load_pretrained()`` or ``load_checkpoint(workdir)``.
-      template: the reference Worm (names optional: without names, use ``assignment`` alone).
+      template: the reference Worm (names optional: without names, use ``assignment`` alone); or
+        a list of labelled templates that vote on every test's names (``predict_ensemble``; the
+        matching then runs on the host).
       tests: the Worms to match.
       use_color: add the NeuroPAL color term after the network (None: when template and all tests
         have color and the model does not take color as input).
@@ -1064,6 +1071,19 @@ def predict_batch(
     if not tests:
         raise ValueError("tests is empty: pass at least one test Worm")
     _check_two_way(two_way)
+    if isinstance(template, list | tuple):  # Ensembles match on the host (probabilities averaged).
+        _matches_on_device(match_on)  # validated all the same
+        return _ensemble_predictions(
+            model,
+            template,
+            tests,
+            use_color=use_color,
+            color_weight=color_weight,
+            top_k=top_k,
+            min_probability=min_probability,
+            orientation=orientation,
+            two_way=two_way,
+        )
     use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
     signs = orientation_hypotheses(model, orientation)
     on_device = _matches_on_device(match_on, len(tests) * len(signs))
@@ -1168,19 +1188,6 @@ def predict(
     """
     if not isinstance(test, Worm):
         raise TypeError(f"test must be a Worm, got {type(test).__name__}")
-    if isinstance(template, list | tuple):  # Ensembles match on the host (probabilities averaged).
-        _matches_on_device(match_on)  # validated all the same
-        return predict_ensemble(
-            model,
-            template,
-            test,
-            use_color=use_color,
-            color_weight=color_weight,
-            top_k=top_k,
-            min_probability=min_probability,
-            orientation=orientation,
-            two_way=two_way,
-        )
     return predict_batch(
         model,
         template,
@@ -1228,6 +1235,35 @@ def predict_ensemble(
       >>> templates = [load_bundled_worm(n) for n in ("NP_11_YAaLR", "EY_20190924_03")]
       >>> pred = predict(load_pretrained(), templates, test)  # doctest: +SKIP
     """
+    return _ensemble_predictions(
+        model,
+        templates,
+        [test],
+        use_color=use_color,
+        color_weight=color_weight,
+        top_k=top_k,
+        min_probability=min_probability,
+        orientation=orientation,
+        two_way=two_way,
+    )[0]
+
+
+def _ensemble_predictions(
+    model: Model,
+    templates: Sequence[Worm],
+    tests: Sequence[Worm],
+    *,
+    use_color: bool | None,
+    color_weight: float,
+    top_k: int,
+    min_probability: float,
+    orientation: str,
+    two_way: bool,
+) -> list[Prediction]:
+    """``predict_ensemble`` of every test worm: each template matches the tests batched
+    (``_log_probs``, blocks of ``HOST_BLOCK`` tests), then each test's votes are tallied and
+    assigned on the host (thread pool). ``use_color=None``: the color term with a template when it
+    and all the tests have color (as ``predict_batch``)."""
     templates = list(templates)
     if not templates:
         raise ValueError("templates is empty: pass at least one labelled template")
@@ -1238,26 +1274,68 @@ def predict_ensemble(
         if not t.labelled.any():
             raise ValueError(f"templates[{i}] has no names: an ensemble votes over names")
     names = np.array(sorted(set().union(*(t.names[t.labelled].tolist() for t in templates))))
-    if top_k > len(names):
-        raise ValueError(f"top_k={top_k} exceeds the {len(names)} names of the templates")
-    votes = np.zeros((test.n, len(names)))  # [M, K] summed probabilities per name
-    counts = np.zeros((len(names),))  # templates carrying each name
-    outlier = np.zeros((test.n,))
+    _check_top_k(top_k, len(names), "names of the templates")
     signs = orientation_hypotheses(model, orientation)
+    return [
+        pred
+        for start in range(0, len(tests), HOST_BLOCK)
+        for pred in _ensemble_block(
+            model,
+            templates,
+            names,
+            tests[start : start + HOST_BLOCK],
+            signs,
+            use_color,
+            color_weight,
+            top_k,
+            min_probability,
+            two_way,
+        )
+    ]
+
+
+def _ensemble_block(
+    model, templates, names, tests, signs, use_color, color_weight, top_k, min_probability, two_way
+) -> list[Prediction]:
+    """``_ensemble_predictions`` of one block of tests, voting over ``names`` [K] (sorted)."""
+    votes = [np.zeros((t.n, len(names))) for t in tests]  # [M_i, K] summed probabilities per name
+    outlier = [np.zeros((t.n,)) for t in tests]  # [M_i] summed outlier probabilities
+    counts = np.zeros((len(names),))  # templates carrying each name
     for t in templates:
-        t_use_color = _check_inputs(model, t, [test], use_color, min(top_k, t.n), min_probability)
-        colors = _color_kwargs(t, test, t_use_color, color_weight)
-        (lp,), _ = _log_probs(model, t, [test], signs, t_use_color, color_weight, two_way)
-        probs = matching.row_softmax(matching.match_scores(lp, **colors))  # [M, N_t]
+        t_use_color = _check_inputs(model, t, tests, use_color, min(top_k, t.n), min_probability)
+        log_probs, _ = _log_probs(model, t, tests, signs, t_use_color, color_weight, two_way)
         column = np.searchsorted(names, t.names[t.labelled])
-        votes[:, column] += probs[:, t.labelled]
         counts[column] += 1
-        outlier += np.exp(lp[:, -1])
-    mean = votes / np.maximum(counts, 1)[None, :]
-    mean /= np.maximum(mean.sum(axis=1, keepdims=True), 1e-12)
-    outlier_mean = np.clip(outlier / len(templates), 1e-12, 1 - 1e-12)
-    # A log-prob table in the network's layout ([M, K + 1], last column outlier) for matching.match.
-    with np.errstate(divide="ignore"):
-        table = np.concatenate([np.log(mean), np.log(outlier_mean)[:, None]], axis=1)
-    m = matching.match(table, top_k=top_k, min_probability=min_probability)
-    return dataclasses.replace(_prediction_of(m, names), outlier_probability=outlier_mean)
+
+        found = _host_map(
+            lambda i, t=t, use=t_use_color, lps=log_probs: _votes(
+                lps[i], t, tests[i], use, color_weight
+            ),
+            range(len(tests)),
+        )
+        for i, (probs, outlier_probs) in enumerate(found):
+            votes[i][:, column] += probs
+            outlier[i] += outlier_probs
+
+    def assign(i: int) -> Prediction:
+        mean = votes[i] / np.maximum(counts, 1)[None, :]
+        mean /= np.maximum(mean.sum(axis=1, keepdims=True), 1e-12)
+        outlier_mean = np.clip(outlier[i] / len(templates), 1e-12, 1 - 1e-12)
+        # A log-prob table in the network's layout ([M, K + 1], last column outlier) for match.
+        with np.errstate(divide="ignore"):
+            table = np.concatenate([np.log(mean), np.log(outlier_mean)[:, None]], axis=1)
+        m = matching.match(table, top_k=top_k, min_probability=min_probability)
+        return dataclasses.replace(_prediction_of(m, names), outlier_probability=outlier_mean)
+
+    return _host_map(assign, range(len(tests)))
+
+
+def _votes(
+    log_probs: np.ndarray, template: Worm, test: Worm, use_color: bool, color_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One template's votes on one test: the row-softmax probabilities [M, L] of the template's L
+    labelled neurons (of the network's ``log_probs`` [M, N + 1] + the color term when
+    ``use_color``) and the outlier probabilities [M]."""
+    colors = _color_kwargs(template, test, use_color, color_weight)
+    probs = matching.row_softmax(matching.match_scores(log_probs, **colors))  # [M, N]
+    return probs[:, template.labelled], np.exp(log_probs[:, -1])

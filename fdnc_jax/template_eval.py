@@ -2,7 +2,7 @@
 
 Leave-one-lab-out: for every lab, the animals of the other labs are the only labelled data. From them
 come (1) an atlas (``fdnc_jax.atlas.build_atlas``), (2) every single animal as a template, and (3) an
-ensemble of a few animals voting (``predict_ensemble``). Each names every animal of the held-out lab;
+ensemble of a few animals voting (``predict_ensemble``, batched). Each names every animal of the held-out lab;
 accuracy is the paper's (correct / annotated test neurons whose name the template has). Position only
 and with the color term.
 
@@ -26,7 +26,7 @@ from fdnc_jax.datasets import lab_of
 from fdnc_jax.evaluate import _color_problem, _unique_ids, _unique_template, _write_csv, _write_json
 from fdnc_jax.metrics import name_accuracy, uncertain_mask
 from fdnc_jax.model.fdnc import Model
-from fdnc_jax.predict import predict_batch, predict_ensemble
+from fdnc_jax.predict import predict_batch
 from fdnc_jax.worm import Worm, as_worm_list
 
 TEMPLATE_KINDS = ("atlas", "single", "ensemble")
@@ -327,9 +327,7 @@ def evaluate_templates(
                         for m in members
                     )
                 )
-                preds = [
-                    predict_ensemble(model, members, t, use_color=use_color) for t in test_worms
-                ]
+                preds = predict_batch(model, members, test_worms, use_color=use_color)
                 add("ensemble", "+".join(ids[j] for j in used), union, preds)
     bar.close()
     settings = {

@@ -468,12 +468,37 @@ def test_ensemble_of_one_template_twice_equals_single(model, two_way):
     assert ens.template_names[ens.assignment[0]] == ens.labels[0]
 
 
+def test_ensemble_batch_equals_one_test_at_a_time(model, demo, monkeypatch):
+    """predict_batch with a list of templates (each template's forwards batched over the tests, in
+    blocks) gives predict_ensemble's prediction of each test alone, for tests of several buckets."""
+    monkeypatch.setattr(predict_mod, "HOST_BLOCK", 2)  # 3 tests: two blocks
+    template, test = demo
+    rng = np.random.default_rng(4)
+    templates = [template, test.subset(rng.permutation(test.n)[:170])]
+    tests = [test.subset(rng.permutation(test.n)[:m]) for m in (150, 100, 60)]
+    batch = fd.predict_batch(model, templates, tests, use_color=True, top_k=3)
+    for t, b in zip(tests, batch, strict=True):
+        alone = predict_mod.predict_ensemble(model, templates, t, use_color=True, top_k=3)
+        np.testing.assert_array_equal(b.template_names, alone.template_names)
+        same = b.assignment == alone.assignment
+        assert same.mean() > 0.95, same.mean()  # batched forwards: float32 near-ties may differ
+        close(b.probability[same], alone.probability[same], atol=1e-4)
+        close(b.outlier_probability, alone.outlier_probability, atol=1e-4)
+        np.testing.assert_array_equal(b.labels[same], alone.labels[same])
+
+
 def test_ensemble_bad_input(model):
     template, test = fd.load_demo_pair()
     with pytest.raises(ValueError, match="templates is empty"):
         fd.predict(model, [], test)
     with pytest.raises(ValueError, match="has no names"):
         fd.predict(model, [template, template.replace(names=None)], test)
+    with pytest.raises(ValueError, match="top_k=500 must be between 1 and the"):
+        fd.predict_batch(model, [template, template], [test, test], top_k=500)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        fd.predict_batch(model, [template], [test], top_k="3")
+    with pytest.raises(ValueError, match="match_on"):
+        fd.predict_batch(model, [template], [test], match_on="gpu")
 
 
 @pytest.mark.parametrize("name", ["small", "color"])

@@ -259,12 +259,10 @@ def main(argv):
             "min_probability": FLAGS.min_probability,
             "two_way": FLAGS.two_way,
         }
+        preds = fd.predict_batch(model, template, tests, **options)
         if isinstance(template, list):
             print(f"{len(template)} templates vote on every name")
-            preds = [fd.predict(model, template, t, **options) for t in tests]
             template = set(preds[0].template_names.tolist())  # the names the vote can give
-        else:
-            preds = fd.predict_batch(model, template, tests, **options)
     except (ValueError, TypeError) as e:
         print(f"fdnc-predict: error: {e}", file=sys.stderr)
         return 2
