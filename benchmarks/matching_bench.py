@@ -10,7 +10,9 @@ copies of one animal, padded to the 160 bucket: the scores are as peaked as in t
 each batch size, through the whole ``match_batch_device`` (assignment, softmax, top-5). It also
 prints the auction's rounds per volume, how many volumes get the Hungarian's very assignment, and the
 largest loss of total score (the auction's guarantee: ≤ ``auction.DEFAULT_TOLERANCE``), and, on CPU,
-the host path (scipy per volume in ``predict``'s thread pool) as the default there.
+the host path (scipy per volume in ``predict``'s thread pool) as the default there. A second table
+times the auction's assignment alone with its unfinished problems compacted into smaller batches
+(``auction.COMPACT_FACTOR``, the default) against the whole batch in lock-step (the same results).
 
 Run: ``python benchmarks/matching_bench.py`` (CPU: batches 64 and 256; GPU: 256 to 16,384).
 The last line is ``matching batch=<int> auction_vol_s=<float> hungarian_vol_s=<float>
@@ -54,6 +56,30 @@ def _total(scores: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     return np.where(assignment >= 0, picked, 0.0).astype(np.float64).sum(1)
 
 
+def compaction_table(scores: np.ndarray, s_mask: np.ndarray, device) -> None:
+    """Volumes/s of ``auction.auction_batch`` alone per batch size: unfinished problems compacted
+    (the default) vs the whole batch in lock-step (``COMPACT_MIN`` beyond the batch)."""
+    print(f"\nauction assignment alone, volumes/s, {device.device_kind}")
+    print(f"{'batch':>6} {'compacted':>10} {'lock-step':>10} {'ratio':>7} {'same':>5}", flush=True)
+    default_min = auction.COMPACT_MIN
+    for b in BATCHES:
+        reps = -(-b // len(scores))
+        s_b = jnp.asarray(np.tile(scores, (reps, 1, 1))[:b])
+        v_b = jnp.asarray(np.tile(s_mask, (reps, 1))[:b])
+        rate, out = {}, {}
+        for name, compact_min in (("compacted", default_min), ("lock-step", b + 1)):
+            auction.COMPACT_MIN = compact_min  # read when traced: a fresh jit per setting
+            fn = jax.jit(lambda s, v: auction.auction_batch(s, v)[0])
+            out[name] = np.asarray(fn(s_b, v_b))
+            rate[name] = throughput(
+                lambda fn=fn, s_b=s_b, v_b=v_b: jax.block_until_ready(fn(s_b, v_b)), b
+            )
+        auction.COMPACT_MIN = default_min
+        same = bool((out["compacted"] == out["lock-step"]).all())
+        print(f"{b:>6} {rate['compacted']:>10.1f} {rate['lock-step']:>10.1f} "
+              f"{rate['compacted'] / rate['lock-step']:>6.2f}x {str(same):>5}", flush=True)
+
+
 def main() -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
@@ -87,6 +113,8 @@ def main() -> None:
           f"({np.mean(a_h == a_a):.2%} of neurons); total score lost ≤ {gap.max():.2e} "
           f"(tolerance {auction.DEFAULT_TOLERANCE}); auction rounds per volume: median "
           f"{np.median(rounds):.0f}, max {rounds.max()} (S={auction.BIDDERS} bidders per round)")
+
+    compaction_table(scores, s_mask, device)
 
     print(f"\nmatch_batch_device (assignment + softmax + top-5), volumes/s, {device.device_kind}")
     header = f"{'batch':>6} {'auction':>10} {'hungarian':>10} {'ratio':>7}"

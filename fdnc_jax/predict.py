@@ -75,7 +75,8 @@ DEVICE_MATCH_MIN_ROWS = 1024
 # 1,024 / 4,096 / 16,384 (25.1 k vs 15.5 k volumes/s at 16,384), with the Hungarian's very
 # assignment for 99.9 % of volumes (total score ≤ 4.5e-5 below the optimum); ``predict_batch`` of
 # 8,192 volumes (``predict_bench.py --accelerator_sweep_only``, chunks of 2,048) ran at 5,451 vs
-# 3,307 volumes/s. On a 2-core CPU it is 0.83× the Hungarian, but there the matching runs on the
+# 3,307 volumes/s (before its stragglers were compacted, ``auction.COMPACT_FACTOR``). On a 2-core
+# CPU it is 1.3× the Hungarian at batch 256, but there the matching runs on the
 # host unless ``match_on="device"`` is forced.
 DEVICE_SOLVER = "auction"
 # On CPU, larger chunks are slower per volume: activations of tens of MB miss the caches and are

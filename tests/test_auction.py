@@ -82,6 +82,34 @@ def test_auction_is_epsilon_optimal_with_maximum_cardinality(shape):
     assert (assign[~valid] == -1).all()
 
 
+@pytest.mark.parametrize("max_rounds", [None, 40])
+def test_compacted_batch_equals_lock_step_batch(monkeypatch, max_rounds):
+    """Moving the unfinished problems on in smaller batches (here 128 → 32 → 8) changes nothing:
+    the same assignments, finished flags and rounds per problem as the whole batch in lock-step,
+    also when ``max_rounds`` stops the auction midway."""
+    rng = np.random.default_rng(11)
+    scores, valid = _random_problems(rng, 128, 20, 26)
+
+    def solve(compact_min: int):
+        monkeypatch.setattr(auction, "COMPACT_MIN", compact_min)  # read when traced
+        fn = jax.jit(lambda s, v: auction.auction_batch(s, v, max_rounds=max_rounds))
+        return [np.asarray(x) for x in fn(scores, valid)]
+
+    assert auction._compacted_sizes(128) == (32,)  # the default: down to 32 problems
+    monkeypatch.setattr(auction, "COMPACT_MIN", 4)
+    assert auction._compacted_sizes(128) == (32, 8)
+    compacted, lock_step = solve(4), solve(10**6)
+    for got, want in zip(compacted, lock_step, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assign, done, rounds = compacted
+    if max_rounds is None:
+        assert done.all() and len(set(rounds.tolist())) > 10  # problems finish at many rounds
+        for i in range(len(scores)):
+            _check_against_scipy(scores[i], valid[i], assign[i])
+    else:
+        assert not done.all() and done.any() and rounds.max() <= max_rounds
+
+
 def test_auction_equals_scipy_on_network_scores():
     """The bundled model's log-probs on the demo pair (194 × 194, padded; a 120-neuron subset of
     the test worm; with the color term, whose range is ~20× larger): the very assignment scipy
