@@ -253,6 +253,53 @@ def cycle_key(
     return cycle - residual_um / RESIDUAL_UM, float(mean_log_prob)
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def device_orientation_choice(a_f, a_r, mean_f, mean_r, test_um, template_um, *, k: int):
+    """The orientation search's choice on the device: ``orientation_key`` of every hypothesis of a
+    chunk from both directions' assignments (``device_one_to_one``), and the best per test.
+
+    Rows ``k·t … k·t + k − 1`` of the chunk are test t's k hypotheses, in order; the first best
+    key wins, as ``max(range(k), key=...)`` on the host. The key is ``cycle_key``'s, with the
+    affine residual fitted on the device (``fdnc_jax.geometry``, float32), so nothing waits for
+    the host between the forwards and the final matching.
+
+    Args:
+      a_f: [b, M] forward assignment (template index per test row, −1 none or padding).
+      a_r: [b, N] reverse assignment (test row per template neuron, −1 none).
+      mean_f, mean_r: [b] mean assigned score of each direction.
+      test_um: [b / k, M, 3] each test's positions (µm; padding rows: any finite value).
+      template_um: [N, 3] the template's positions (µm; padding rows: any finite value).
+      k: hypotheses per test (static).
+
+    Returns:
+      [b / k] int32 index of each test's kept hypothesis.
+
+    Example:
+      >>> xyz = jnp.asarray(np.random.default_rng(0).normal(size=(1, 20, 3)) * 10.0)  # [1, M, 3]
+      >>> right, wrong = jnp.arange(20), jnp.arange(20)[::-1]  # the second scrambles the pairs
+      >>> a_f = jnp.stack([wrong, right])  # [b = 2 hypotheses of one test, M]
+      >>> kept = device_orientation_choice(a_f, a_f, jnp.zeros(2), jnp.zeros(2), xyz, xyz[0], k=2)
+      >>> kept.tolist()
+      [1]
+    """
+    b, m = a_f.shape
+    if b % k:
+        raise ValueError(f"a chunk of {b} rows does not hold whole tests of {k} hypotheses")
+    valid = a_f >= 0  # [b, M]
+    source = jnp.repeat(test_um, k, axis=0)  # [b, M, 3] µm
+    target = template_um[jnp.maximum(a_f, 0)]  # [b, M, 3] µm
+    residual = batched_robust_affine_residuals(source, target, valid)  # [b, M], NaN off valid
+    median = masked_median(jnp.where(valid, residual, 0.0), valid)  # [b], 0 with no pairs
+    back = jnp.take_along_axis(a_r, jnp.maximum(a_f, 0), axis=1)  # [b, M] a_r[a_f[r]]
+    agree = valid & (back == jnp.arange(m)[None, :])
+    count = valid.sum(axis=1)
+    cycle = jnp.where(count > 0, agree.sum(axis=1) / jnp.maximum(count, 1), 0.0)  # [b]
+    first = (cycle - median / RESIDUAL_UM).reshape(-1, k)  # [b / k, k]
+    second = (mean_f + mean_r).reshape(-1, k)
+    tied = first == first.max(axis=1, keepdims=True)
+    return jnp.argmax(jnp.where(tied, second, -jnp.inf), axis=1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("solver", "transpose_color"))
 def device_one_to_one(
     log_probs,

@@ -36,8 +36,8 @@ from fdnc_jax.model.fdnc import Model
 from fdnc_jax.orientation import (
     RESIDUAL_UM,
     assignment_residuals,
-    cycle_key,
     device_one_to_one,
+    device_orientation_choice,
     forward_assignment,
     orientation_hypotheses,
     reverse_key,
@@ -501,80 +501,55 @@ def _searched_chunks(
     """The orientation search on the device, a chunk at a time, and each test's kept hypothesis.
 
     Every (test, hypothesis) pair runs in both directions (``_forward_chunks``,
-    ``_reverse_chunks``; chunks hold whole tests), and both directions' one-to-one assignments
-    (``device_one_to_one``, ``solver``, with the color term when ``use_color``) and mean scores
-    come back — not the log-probs. The host scores each hypothesis (``cycle_key`` with its affine
-    residual) and keeps the best per test (``orientation_key``, as ``_choose_orientations``);
-    the kept rows' log-probs (two-way with ``two_way``) are then gathered on the device from the
-    chunk's, so nothing runs twice. The host scores chunk c − 1 while the device runs chunk c.
+    ``_reverse_chunks``; chunks hold whole tests); both directions' one-to-one assignments
+    (``device_one_to_one``, ``solver``, with the color term when ``use_color``) score each
+    hypothesis and the best per test is kept (``device_orientation_choice``: the host's
+    ``orientation_key``), and the kept rows' log-probs (two-way with ``two_way``) are gathered from
+    the chunk's — all on the device, with nothing run twice and no wait for the host.
 
-    Yields ``(part, inputs, log_probs)`` per chunk as ``_forward_chunks`` does, for the kept
-    (test index, hypothesis index) items only: ``inputs`` (t_mask [N_b], s_mask [b', M_b],
-    t_color [N_b, 3], s_color [b', M_b, 3] or None), ``log_probs`` [b', M_b, N_b + 1] on the
-    device, b' a power of two (rows past ``part`` are padding, their mask all False).
+    Yields ``(part, inputs, log_probs, kept)`` per chunk: ``part`` the (test index, None) of each
+    row (the hypothesis is chosen on the device), ``inputs`` as ``_forward_chunks``' (t_mask
+    [N_b], s_mask [b', M_b], t_color [N_b, 3], s_color [b', M_b, 3] or None), ``log_probs``
+    [b', M_b, N_b + 1] and ``kept`` [b'] (each row's hypothesis index) on the device; b' a power
+    of two (rows past ``part`` are padding, their mask all False).
     """
     k = len(signs)
+    n_bucket = bucket_size(template.n, "template")
+    template_um = jnp.asarray(_pad(template.xyz_um, n_bucket))  # [N_b, 3] µm
     forward = _forward_chunks(model, template, tests, signs, use_color, per_test=k)
     reverse = _reverse_chunks(model, template, tests, signs, use_color, per_test=k)
-    pending = None
     for part, inputs, (lp_f, lp_r) in _paired_chunks(forward, reverse):
         t_mask, s_mask, t_color, s_color = inputs
-        b = lp_f.shape[0]
+        b, m_bucket = s_mask.shape
         t_mask_b = np.broadcast_to(t_mask, (b,) + t_mask.shape)
         colors = (
             (np.broadcast_to(t_color, (b,) + t_color.shape), s_color) if use_color else (None, None)
         )
-        searched = (
-            device_one_to_one(
-                lp_f, s_mask, t_mask_b, *colors, color_weight, solver=solver, transpose_color=False
-            ),
-            device_one_to_one(
-                lp_r, t_mask_b, s_mask, *colors, color_weight, solver=solver, transpose_color=True
-            ),
+        a_f, mean_f = device_one_to_one(
+            lp_f, s_mask, t_mask_b, *colors, color_weight, solver=solver, transpose_color=False
         )
-        if pending is not None:
-            yield _kept_chunk(*pending, template, tests, k, two_way)
-        pending = (part, inputs, lp_f, lp_r, searched)
-    if pending is not None:
-        yield _kept_chunk(*pending, template, tests, k, two_way)
+        a_r, mean_r = device_one_to_one(
+            lp_r, t_mask_b, s_mask, *colors, color_weight, solver=solver, transpose_color=True
+        )
+        # Rows k·t … k·t + k − 1 hold test t's hypotheses (b is a multiple of k).
+        test_part = [i for i, _ in part[::k]]
+        test_um = np.zeros((b // k, m_bucket, 3), np.float32)  # [b / k, M_b, 3] µm
+        for t, i in enumerate(test_part):
+            test_um[t, : tests[i].n] = tests[i].xyz_um
+        kept = device_orientation_choice(a_f, a_r, mean_f, mean_r, test_um, template_um, k=k)
+        lp = _gathered_log_probs(lp_f, lp_r, kept, k, two_way)  # [b / k, M_b, N_b + 1]
+        kept_inputs = (t_mask, s_mask[::k], t_color, None if s_color is None else s_color[::k])
+        yield [(i, None) for i in test_part], kept_inputs, lp, kept
 
 
-@functools.partial(jax.jit, static_argnames="two_way")
-def _gathered_log_probs(lp_f, lp_r, rows, two_way: bool):
-    """[b', M_b, N_b + 1] the rows ``rows`` [b'] of a chunk's forward log-probs ``lp_f``
-    [b, M_b, N_b + 1], as two-way scores with its reverse ``lp_r`` [b, N_b, M_b + 1] when
-    ``two_way``."""
+@functools.partial(jax.jit, static_argnames=("k", "two_way"))
+def _gathered_log_probs(lp_f, lp_r, kept, k: int, two_way: bool):
+    """[b / k, M_b, N_b + 1] the kept rows ``k·t + kept[t]`` of a chunk's forward log-probs
+    ``lp_f`` [b, M_b, N_b + 1], as two-way scores with its reverse ``lp_r`` [b, N_b, M_b + 1]
+    when ``two_way``."""
+    rows = jnp.arange(kept.shape[0]) * k + kept  # [b / k]
     lp = lp_f[rows]
     return matching.two_way_log_probs(lp, lp_r[rows]) if two_way else lp
-
-
-def _kept_chunk(part, inputs, lp_f, lp_r, searched, template, tests, k, two_way):
-    """A searched chunk's kept hypotheses (``_searched_chunks``): waits for its assignments,
-    scores every (test, hypothesis) row on the host, and gathers the kept rows on the device."""
-    (a_f, mean_f), (a_r, mean_r) = jax.device_get(searched)  # [b, M_b], [b], [b, N_b], [b]
-    residuals = _item_residuals(
-        {item: a_f[j, : tests[item[0]].n] for j, item in enumerate(part)}, template, tests
-    )
-    keys = [
-        cycle_key(
-            a_f[j, : tests[i].n], a_r[j, : template.n], mean_f[j] + mean_r[j], residuals[i, h]
-        )
-        for j, (i, h) in enumerate(part)
-    ]
-    # Rows k·t … k·t + k − 1 are test t's hypotheses in order (chunks hold whole tests); the first
-    # best key wins, as in max(range(k), key=...).
-    rows = [
-        start + max(range(k), key=lambda h: keys[start + h]) for start in range(0, len(part), k)
-    ]
-    b = 1 << max(len(rows) - 1, 0).bit_length()  # a power of two: few shapes to compile
-    padded = np.zeros((b,), np.int32)
-    padded[: len(rows)] = rows
-    t_mask, s_mask, t_color, s_color = inputs
-    s_mask = s_mask[padded]
-    s_mask[len(rows) :] = False
-    kept_inputs = (t_mask, s_mask, t_color, None if s_color is None else s_color[padded])
-    lp = _gathered_log_probs(lp_f, lp_r, padded, two_way)
-    return [part[r] for r in rows], kept_inputs, lp
 
 
 def _item_residuals(
@@ -807,10 +782,10 @@ def _device_predictions(
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
     hypotheses the kept one is chosen first, also on the device (``_searched_chunks``: both
-    directions' one-to-one assignments), and its log-probs (two-way with ``two_way``), kept from
-    the search, are matched (with the color term if asked)."""
+    directions' one-to-one assignments; no host round trip), and its log-probs (two-way with
+    ``two_way``), kept from the search, are matched (with the color term if asked)."""
 
-    def dispatch(part, inputs, lp):
+    def dispatch(part, inputs, lp, kept=None):
         t_mask, s_mask, t_color, s_color = inputs
         b = lp.shape[0]
         colors = {}
@@ -819,7 +794,7 @@ def _device_predictions(
                 "template_color": np.broadcast_to(t_color, (b,) + t_color.shape),
                 "test_color": s_color,
             }
-        return matching.match_batch_device(
+        return kept, matching.match_batch_device(
             lp,
             np.broadcast_to(t_mask, (b,) + t_mask.shape),
             s_mask,
@@ -833,11 +808,13 @@ def _device_predictions(
     preds: list[Prediction | None] = [None] * len(tests)
 
     def collect(part, out):  # runs while the device works on the next chunk
+        kept, found = jax.device_get(out)  # kept: the hypotheses chosen on the device, or None
+        hypotheses = [h for _, h in part] if kept is None else kept[: len(part)]
         found = _device_chunk_predictions(
-            jax.device_get(out),
+            found,
             [tests[i].n for i, _ in part],
             template.names,
-            signs[[h for _, h in part]],
+            signs[hypotheses],
             min_probability,
         )
         for (i, _), pred in zip(part, found, strict=True):

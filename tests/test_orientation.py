@@ -130,3 +130,61 @@ def test_device_one_to_one_equals_the_host_assignment_and_mean(transpose):
         host = orientation.one_to_one(scores)
         np.testing.assert_array_equal(np.asarray(a)[j, :r], host)
         assert float(mean[j]) == pytest.approx(orientation.mean_assigned(scores, host), rel=1e-4)
+
+
+def test_device_orientation_choice_equals_the_host_keys():
+    """device_orientation_choice keeps, per test, the hypothesis of the host's largest
+    cycle_key (cycle consistency − median affine residual / RESIDUAL_UM, then the mean score; the
+    first on an exact tie), for partial, scrambled and empty assignments of ragged tests."""
+    rng = np.random.default_rng(3)
+    k, tests, m, n = 4, 6, 40, 36
+    template_um = rng.uniform(-40, 40, (n, 3))  # [N, 3] µm
+    sizes = [40, 33, 20, 3, 40, 40]
+    test_um = np.zeros((tests, m, 3))
+    for t, size in enumerate(sizes):
+        test_um[t, :size] = template_um[rng.permutation(n)[: min(size, n)]].repeat(2, 0)[:size]
+        test_um[t, :size] += rng.normal(0, 1.0, (size, 3)) + 200.0  # a translated noisy copy
+    a_f = np.full((tests * k, m), -1)
+    a_r = np.full((tests * k, n), -1)
+    for j in range(tests * k):
+        t, h = divmod(j, k)
+        size = sizes[t]
+        rows = rng.permutation(size)[: min(size, n) - h]  # fewer rows assigned per hypothesis
+        a_f[j, rows] = rng.permutation(n)[: len(rows)]
+        back = rng.random(len(rows)) < 0.5 + 0.1 * h
+        a_r[j, a_f[j, rows[back]]] = rows[back]
+    a_f[4 * k + 1] = -1  # nothing assigned
+    mean = rng.normal(size=(tests * k,))
+    a_f[5 * k + 1 : 5 * k + 3] = -1  # two empty ones: key (0, mean), above scrambled ones, tied
+    mean[5 * k + 2] = mean[5 * k + 1] + 1.0  # on the first entry: the larger mean score wins
+    got = orientation.device_orientation_choice(
+        jnp.asarray(a_f),
+        jnp.asarray(a_r),
+        jnp.asarray(mean, jnp.float32),
+        jnp.zeros(tests * k),
+        jnp.asarray(test_um, jnp.float32),
+        jnp.asarray(template_um, jnp.float32),
+        k=k,
+    )
+    residual = orientation.assignment_residuals(
+        [a_f[j, : sizes[j // k]] for j in range(tests * k)],
+        [test_um[j // k, : sizes[j // k]] for j in range(tests * k)],
+        template_um,
+    )
+    keys = [
+        orientation.cycle_key(a_f[j, : sizes[j // k]], a_r[j], mean[j], residual[j])
+        for j in range(tests * k)
+    ]
+    want = [max(range(k), key=lambda h, t=t: keys[t * k + h]) for t in range(tests)]
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert len(set(want)) > 1 and want[5] == 2
+    with pytest.raises(ValueError, match="whole tests"):
+        orientation.device_orientation_choice(
+            jnp.asarray(a_f[:6]),
+            jnp.asarray(a_r[:6]),
+            jnp.zeros(6),
+            jnp.zeros(6),
+            jnp.asarray(test_um[:2], jnp.float32),
+            jnp.asarray(template_um, jnp.float32),
+            k=4,
+        )

@@ -543,11 +543,12 @@ def test_device_orientation_choice_equals_host(demo, monkeypatch, solver, use_co
         model, template, tests, signs, solver, use_color, two_way=True
     )
     kept = {}
-    for part, (_, s_mask, _, _), lp in chunks:
-        lp = np.asarray(lp)  # [b', M_b, N_b + 1]
-        assert len(lp) >= len(part) and not s_mask[len(part) :].any()  # padding rows masked
+    for part, (_, s_mask, _, _), lp, hypotheses in chunks:
+        lp, hypotheses = np.asarray(lp), np.asarray(hypotheses)  # [b', M_b, N_b + 1], [b']
+        assert len(lp) == len(hypotheses) >= len(part) and not s_mask[len(part) :].any()
         for j, (i, h) in enumerate(part):
-            kept[i] = h
+            assert h is None  # chosen on the device
+            kept[i] = int(hypotheses[j])
             m = tests[i].n
             assert s_mask[j, :m].all() and not s_mask[j, m:].any()
             found = np.concatenate([lp[j, :m, : template.n], lp[j, :m, -1:]], axis=1)
