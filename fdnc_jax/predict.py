@@ -778,6 +778,7 @@ def _device_predictions(
     min_probability: float,
     solver: str,
     two_way: bool = False,
+    advance=lambda n: None,
 ) -> list[Prediction]:
     """``predict_batch`` with the matching on the device (``matching.match_batch_device``): only
     [M]- and [M, K]-sized results per test come back to the host. With several orientation
@@ -819,6 +820,7 @@ def _device_predictions(
         )
         for (i, _), pred in zip(part, found, strict=True):
             preds[i] = pred
+        advance(len(part))
 
     if len(signs) > 1:
         chunks = _searched_chunks(
@@ -998,6 +1000,7 @@ def predict_batch(
     match_on: str = "auto",
     device_solver: str | None = None,
     two_way: bool = True,
+    progress: bool = False,
 ) -> list[Prediction]:
     """Matches many test worms (e.g. every volume of a recording) to one template.
 
@@ -1038,6 +1041,8 @@ def predict_batch(
         direction anyway (one more forward per volume with ``orientation="fixed"``, or on the
         device). Real across-animal pairs: +0.5 to +1.8 points per WormND lab over the forward
         scores alone (README, Concepts). False: the original's forward scores.
+      progress: show a progress bar (tqdm, on stderr) over the volumes, advanced per block or
+        chunk of volumes as they finish — for recordings of thousands of volumes.
 
     Returns:
       One Prediction per test worm, in order.
@@ -1048,61 +1053,69 @@ def predict_batch(
     tests = list(tests)
     if not tests:
         raise ValueError("tests is empty: pass at least one test Worm")
-    _check_two_way(two_way)
-    if isinstance(template, list | tuple):  # Ensembles match on the host (probabilities averaged).
-        _matches_on_device(match_on)  # validated all the same
-        return _ensemble_predictions(
-            model,
-            template,
-            tests,
-            use_color=use_color,
-            color_weight=color_weight,
-            top_k=top_k,
-            min_probability=min_probability,
-            orientation=orientation,
-            two_way=two_way,
+    _check_bool(two_way, "two_way")
+    _check_bool(progress, "progress")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(tests), desc="predict", unit="volume", disable=not progress) as bar:
+        if isinstance(template, list | tuple):  # Ensembles match on the host (averaged votes).
+            _matches_on_device(match_on)  # validated all the same
+            return _ensemble_predictions(
+                model,
+                template,
+                tests,
+                use_color=use_color,
+                color_weight=color_weight,
+                top_k=top_k,
+                min_probability=min_probability,
+                orientation=orientation,
+                two_way=two_way,
+                advance=bar.update,
+            )
+        use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
+        signs = orientation_hypotheses(model, orientation)
+        on_device = _matches_on_device(match_on, len(tests) * len(signs))
+        if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
+            raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
+        solver = matching.check_device_solver(
+            DEVICE_SOLVER if device_solver is None else device_solver, "device_solver"
         )
-    use_color = _check_inputs(model, template, tests, use_color, top_k, min_probability)
-    signs = orientation_hypotheses(model, orientation)
-    on_device = _matches_on_device(match_on, len(tests) * len(signs))
-    if use_color and not (np.isfinite(color_weight) and color_weight >= 0):
-        raise ValueError(f"color_weight must be finite and >= 0, got {color_weight}")
-    solver = matching.check_device_solver(
-        DEVICE_SOLVER if device_solver is None else device_solver, "device_solver"
-    )
-    if on_device:
-        return _device_predictions(
-            model,
-            template,
-            tests,
-            signs,
-            use_color,
-            float(color_weight),
-            top_k,
-            min_probability,
-            solver,
-            two_way,
-        )
-    return [
-        pred
-        for start in range(0, len(tests), HOST_BLOCK)
-        for pred in _host_predictions(
-            model,
-            template,
-            tests[start : start + HOST_BLOCK],
-            signs,
-            use_color,
-            color_weight,
-            top_k,
-            min_probability,
-            two_way,
-        )
-    ]
+        if on_device:
+            return _device_predictions(
+                model,
+                template,
+                tests,
+                signs,
+                use_color,
+                float(color_weight),
+                top_k,
+                min_probability,
+                solver,
+                two_way,
+                advance=bar.update,
+            )
+        preds = []
+        for start in range(0, len(tests), HOST_BLOCK):
+            block = tests[start : start + HOST_BLOCK]
+            preds += _host_predictions(
+                model,
+                template,
+                block,
+                signs,
+                use_color,
+                color_weight,
+                top_k,
+                min_probability,
+                two_way,
+            )
+            bar.update(len(block))
+        return preds
 
 
-def _check_two_way(two_way: object) -> None:
-    if not isinstance(two_way, bool | np.bool_):
-        raise TypeError(f"two_way must be a bool, got {type(two_way).__name__}")
+def _check_bool(value: object, name: str) -> None:
+    """TypeError unless ``value`` is a bool (``name``: the argument's, for the message)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _host_predictions(
@@ -1237,15 +1250,16 @@ def _ensemble_predictions(
     min_probability: float,
     orientation: str,
     two_way: bool,
+    advance=lambda n: None,
 ) -> list[Prediction]:
     """``predict_ensemble`` of every test worm: each template matches the tests batched
     (``_log_probs``, blocks of ``HOST_BLOCK`` tests), then each test's votes are tallied and
     assigned on the host (thread pool). ``use_color=None``: the color term with a template when it
-    and all the tests have color (as ``predict_batch``)."""
+    and all the tests have color (as ``predict_batch``). ``advance(n)``: n more tests done."""
     templates = list(templates)
     if not templates:
         raise ValueError("templates is empty: pass at least one labelled template")
-    _check_two_way(two_way)
+    _check_bool(two_way, "two_way")
     for i, t in enumerate(templates):
         if not isinstance(t, Worm):
             raise TypeError(f"templates[{i}] must be a Worm, got {type(t).__name__}")
@@ -1254,14 +1268,14 @@ def _ensemble_predictions(
     names = np.array(sorted(set().union(*(t.names[t.labelled].tolist() for t in templates))))
     _check_top_k(top_k, len(names), "names of the templates")
     signs = orientation_hypotheses(model, orientation)
-    return [
-        pred
-        for start in range(0, len(tests), HOST_BLOCK)
-        for pred in _ensemble_block(
+    preds = []
+    for start in range(0, len(tests), HOST_BLOCK):
+        block = tests[start : start + HOST_BLOCK]
+        preds += _ensemble_block(
             model,
             templates,
             names,
-            tests[start : start + HOST_BLOCK],
+            block,
             signs,
             use_color,
             color_weight,
@@ -1269,7 +1283,8 @@ def _ensemble_predictions(
             min_probability,
             two_way,
         )
-    ]
+        advance(len(block))
+    return preds
 
 
 def _ensemble_block(

@@ -103,9 +103,11 @@ def test_recording_tracked_to_one_of_its_volumes(tmp_path):
         "--reference_volume=11",
         "--weights=small",
         f"--out={tmp_path / 'tracks.csv'}",
+        "--progress=true",
     )
     assert out.returncode == 0, out.stderr
     assert "3 volumes (numbers 10..12)" in out.stdout and "reference: volume 11" in out.stdout
+    assert "predict: 100%" in out.stderr and "3/3" in out.stderr  # the progress bar
     line = next(x for x in out.stdout.splitlines() if x.startswith("accuracy"))
     correct, counted = map(int, line.split()[1].split("/"))
     others = sizes[0] + sizes[2]  # the reference volume is not scored against itself

@@ -135,9 +135,10 @@ def test_predict_batch_chunks_and_padding(model, monkeypatch):
         close(b.probability, single.probability)
 
 
-def test_predict_batch_blocks_on_the_host_give_the_same_predictions(demo, monkeypatch):
+def test_predict_batch_blocks_on_the_host_give_the_same_predictions(demo, monkeypatch, capsys):
     """Blocks of HOST_BLOCK volumes (the last one shorter), each searched (4 flips, branch and
-    bound) and matched on its own, give what one block of all the volumes gives, in order."""
+    bound) and matched on its own, give what one block of all the volumes gives, in order; the
+    progress bar counts them all."""
     model = fd.load_pretrained("small")  # canonical pose: the orientation search runs per block
     template, test = demo
     rng = np.random.default_rng(5)
@@ -153,8 +154,10 @@ def test_predict_batch_blocks_on_the_host_give_the_same_predictions(demo, monkey
 
     monkeypatch.setattr(predict_mod, "_host_predictions", counting)
     monkeypatch.setattr(predict_mod, "HOST_BLOCK", 3)
-    blocked = fd.predict_batch(model, template, tests, top_k=2, match_on="host")
+    blocked = fd.predict_batch(model, template, tests, top_k=2, match_on="host", progress=True)
     assert blocks == [3, 3, 1]
+    bar = capsys.readouterr().err  # the progress bar (tqdm redraws at most every 0.1 s)
+    assert "predict" in bar and "0/7" in bar and "7/7" in bar
     for w, b in zip(whole, blocked, strict=True):
         np.testing.assert_array_equal(b.assignment, w.assignment)
         np.testing.assert_array_equal(b.orientation, w.orientation)
@@ -497,6 +500,8 @@ def test_ensemble_bad_input(model):
         fd.predict_batch(model, [template, template], [test, test], top_k=500)
     with pytest.raises(TypeError, match="top_k must be an int"):
         fd.predict_batch(model, [template], [test], top_k="3")
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        fd.predict_batch(model, [template], [test], progress="yes")
     with pytest.raises(ValueError, match="match_on"):
         fd.predict_batch(model, [template], [test], match_on="gpu")
 
@@ -577,7 +582,7 @@ def test_orientation_search_keeps_the_true_pose_of_the_demo_pair(demo):
         ("hungarian", False, False),
     ],
 )
-def test_device_matching_agrees_with_host(demo, monkeypatch, use_color, solver, two_way):
+def test_device_matching_agrees_with_host(demo, monkeypatch, capsys, use_color, solver, two_way):
     model = fd.load_pretrained("small")  # Trained (peaked scores) and canonical pose: 4 hypotheses.
     template, test = demo
     rng = np.random.default_rng(0)
@@ -598,8 +603,9 @@ def test_device_matching_agrees_with_host(demo, monkeypatch, use_color, solver, 
 
     monkeypatch.setattr(predict_mod, "_padded_tests", counting)
     device = fd.predict_batch(
-        model, template, tests, match_on="device", device_solver=solver, **kwargs
+        model, template, tests, match_on="device", device_solver=solver, progress=True, **kwargs
     )
+    assert "3/3" in capsys.readouterr().err  # the progress bar, advanced per chunk
     # The search runs each of the 4 hypotheses once per direction; the match reuses the kept ones.
     assert sorted(forwarded) == sorted([(i, h) for i in range(3) for h in range(4)] * 2)
     for h, d in zip(host, device, strict=True):

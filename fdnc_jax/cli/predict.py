@@ -23,6 +23,9 @@ from fdnc_jax.cli._common import (
 )
 
 FLAGS = flags.FLAGS
+# --progress=auto shows predict_batch's progress bar (stderr) for at least this many test volumes.
+PROGRESS_MIN_VOLUMES = 64
+
 flags.DEFINE_bool(
     "demo", False, "Match the two bundled NeuroPAL demo worms and print the accuracy."
 )
@@ -67,6 +70,12 @@ flags.DEFINE_enum(
     "Add the NeuroPAL color term (weight --color_weight); auto = when all worms have color.",
 )
 flags.DEFINE_float("color_weight", 60.0, "Weight of the color log-likelihood term (original: 60).")
+flags.DEFINE_enum(
+    "progress",
+    "auto",
+    ["auto", "true", "false"],
+    f"A progress bar on stderr over the volumes; auto = for {PROGRESS_MIN_VOLUMES} or more.",
+)
 flags.DEFINE_bool(
     "two_way",
     True,
@@ -259,7 +268,10 @@ def main(argv):
             "min_probability": FLAGS.min_probability,
             "two_way": FLAGS.two_way,
         }
-        preds = fd.predict_batch(model, template, tests, **options)
+        progress = {"auto": len(tests) >= PROGRESS_MIN_VOLUMES, "true": True, "false": False}[
+            FLAGS.progress
+        ]
+        preds = fd.predict_batch(model, template, tests, progress=progress, **options)
         if isinstance(template, list):
             print(f"{len(template)} templates vote on every name")
             template = set(preds[0].template_names.tolist())  # the names the vote can give
