@@ -1094,10 +1094,9 @@ def predict_batch(
                 two_way,
                 advance=bar.update,
             )
-        preds = []
-        for start in range(0, len(tests), HOST_BLOCK):
-            block = tests[start : start + HOST_BLOCK]
-            preds += _host_predictions(
+        return _in_blocks(
+            tests,
+            lambda block: _host_predictions(
                 model,
                 template,
                 block,
@@ -1107,9 +1106,20 @@ def predict_batch(
                 top_k,
                 min_probability,
                 two_way,
-            )
-            bar.update(len(block))
-        return preds
+            ),
+            bar.update,
+        )
+
+
+def _in_blocks(tests: list[Worm], predict_block, advance) -> list[Prediction]:
+    """``predict_block(block)`` of each block of ``HOST_BLOCK`` tests, concatenated in order;
+    ``advance(len(block))`` after each (the progress bar)."""
+    preds = []
+    for start in range(0, len(tests), HOST_BLOCK):
+        block = tests[start : start + HOST_BLOCK]
+        preds += predict_block(block)
+        advance(len(block))
+    return preds
 
 
 def _check_bool(value: object, name: str) -> None:
@@ -1268,10 +1278,9 @@ def _ensemble_predictions(
     names = np.array(sorted(set().union(*(t.names[t.labelled].tolist() for t in templates))))
     _check_top_k(top_k, len(names), "names of the templates")
     signs = orientation_hypotheses(model, orientation)
-    preds = []
-    for start in range(0, len(tests), HOST_BLOCK):
-        block = tests[start : start + HOST_BLOCK]
-        preds += _ensemble_block(
+    return _in_blocks(
+        tests,
+        lambda block: _ensemble_block(
             model,
             templates,
             names,
@@ -1282,9 +1291,9 @@ def _ensemble_predictions(
             top_k,
             min_probability,
             two_way,
-        )
-        advance(len(block))
-    return preds
+        ),
+        advance,
+    )
 
 
 def _ensemble_block(
