@@ -147,6 +147,7 @@ def test_evaluate_cli_templates_mode(tmp_path):
         "--ensemble_size=2",
         f"--out={out}",
         "--progress=false",
+        "--weights=small",  # the CLI plumbing: the CPU model suffices
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
