@@ -229,12 +229,18 @@ def assignment_residuals(
         for j, i in enumerate(block):
             index[j, : len(assignments[i])] = assignments[i]
             source[j, : len(tests_um[i])] = tests_um[i]
-        valid = index >= 0
-        target = template_um[np.where(valid, index, 0)]  # [b, M_max, 3] µm
-        residuals = batched_robust_affine_residuals(source, target, valid)
-        medians = masked_median(residuals, valid)
-        out[start : start + len(block)] = medians
+        out[start : start + len(block)] = _median_residuals(index, source, template_um)
     return out
+
+
+def _median_residuals(index, source_um, template_um):
+    """[b] median robust-affine residual (µm) of each padded assignment ``index`` [b, M]
+    (template index, −1 none) from ``source_um`` [b, M, 3] to ``template_um`` [N, 3]; 0 where
+    nothing is assigned. numpy arrays (float64, the host search) or jax arrays (float32, under
+    jit: ``device_orientation_choice``)."""
+    valid = index >= 0  # [b, M]
+    target = template_um[index.clip(min=0)]  # [b, M, 3] µm
+    return masked_median(batched_robust_affine_residuals(source_um, target, valid), valid)
 
 
 def cycle_key(
@@ -285,11 +291,8 @@ def device_orientation_choice(a_f, a_r, mean_f, mean_r, test_um, template_um, *,
     b, m = a_f.shape
     if b % k:
         raise ValueError(f"a chunk of {b} rows does not hold whole tests of {k} hypotheses")
+    median = _median_residuals(a_f, jnp.repeat(test_um, k, axis=0), template_um)  # [b] µm
     valid = a_f >= 0  # [b, M]
-    source = jnp.repeat(test_um, k, axis=0)  # [b, M, 3] µm
-    target = template_um[jnp.maximum(a_f, 0)]  # [b, M, 3] µm
-    residual = batched_robust_affine_residuals(source, target, valid)  # [b, M], NaN off valid
-    median = masked_median(jnp.where(valid, residual, 0.0), valid)  # [b], 0 with no pairs
     back = jnp.take_along_axis(a_r, jnp.maximum(a_f, 0), axis=1)  # [b, M] a_r[a_f[r]]
     agree = valid & (back == jnp.arange(m)[None, :])
     count = valid.sum(axis=1)
